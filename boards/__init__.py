@@ -1,0 +1,1 @@
+"""Board profiles shipped with the agent (TOML files beside this one)."""
