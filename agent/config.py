@@ -1,0 +1,798 @@
+"""Configuration: every field with its unit, default and check; board profiles; sources.
+
+A value comes from, lowest first: the built-in default (for [membership]
+fields: the preset named by `membership.profile`), the board profile
+(boards/NAME.toml), the file (/etc/meshagent/agent.toml or --config), and
+command-line flags. Everything is checked at load, so a typo or an
+out-of-range number stops the agent at start with a message naming the key,
+the value, where it came from and what is allowed, instead of surfacing later
+as odd behaviour on one device of a fleet. Nothing is silently ignored.
+
+FIELDS is the one place each field is described (membership fields come from
+`agent.core.settings.FIELD_DOCS`); docs/configuration.md is generated from it
+with `python -m agent.config --markdown > docs/configuration.md`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import json
+import os
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from functools import reduce
+from importlib.resources import files
+from pathlib import Path
+
+from agent.core.settings import FIELD_DOCS, PROFILES, MembershipSettings
+from agent.identity import NODE_ID_RULE
+from agent.messages import BadMessage, check_node_id
+
+DEFAULT_PATH = Path("/etc/meshagent/agent.toml")
+MODEL_PATH = Path("/proc/device-tree/model")
+DEFAULT_PORT = 5683
+DEFAULT_PROFILE = "lan"
+GENERIC_BOARD = "generic"
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: str = ""
+    mesh: str = "default"
+    data_dir: Path = Path("/var/lib/meshagent")
+    bind: str = "0.0.0.0"
+    port: int = DEFAULT_PORT
+    advertise: str = ""
+    fleet_key_file: Path = Path("/etc/meshagent/fleet.key")
+    insecure: bool = False
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    seeds: tuple[str, ...] = ()
+    mdns: bool = True
+    mdns_interfaces: tuple[str, ...] = ()
+    address_check_ms: int = 5000
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    sample_interval_ms: int = 2000
+    smoothing: float = 0.3
+    meta_refresh_ms: int = 10_000
+    change_threshold_pct: float = 5.0
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    public_read: bool = True
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_rss_mb: int
+    max_members: int
+
+
+@dataclass(frozen=True)
+class BoardProfile:
+    """The hardware we run on; its values live only in boards/NAME.toml."""
+
+    name: str
+    model: str
+    serial_device: str
+    budgets: Budgets
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the agent runs with, checked; `membership_profile` names the preset
+    that `membership` started from. Build it with load_config."""
+
+    board: BoardProfile
+    node: NodeConfig = field(default_factory=NodeConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    membership: MembershipSettings = field(default_factory=MembershipSettings)
+    membership_profile: str = DEFAULT_PROFILE
+    load: LoadConfig = field(default_factory=LoadConfig)
+    api: ApiConfig = field(default_factory=ApiConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """A checked configuration and, per dotted key, where its value came from:
+    "default", "profile:NAME" (membership preset), "board:NAME", "file:PATH" or
+    "flag"; `board.name` says "flag", "detected:MODEL_PATH" or "default"."""
+
+    config: Config
+    sources: dict[str, str]
+
+
+class ConfigError(Exception):
+    """A configuration value is not allowed. The message names the key, the value,
+    where it came from and what is allowed, so the operator can fix it at once."""
+
+    def __init__(self, key: str, value: object, allowed: str, source: str = "", problem: str = ""):
+        self.key, self.value, self.allowed, self.source = key, value, allowed, source
+        shown = "" if value is None else f" = {_show(value)}"
+        where = f" (from {source})" if source else ""
+        super().__init__(f"config error: {key}{shown}{where}: {problem or 'expected ' + allowed}")
+
+
+# ---------------------------------------------------------------------------
+# Rules: what a field accepts.
+
+
+class _Invalid(Exception):
+    """Raised by a rule; `why` adds detail, `part` is the bad entry of a list."""
+
+    def __init__(self, why: str = "", part: object = None):
+        super().__init__(why)
+        self.why, self.part = why, part
+
+
+@dataclass(frozen=True)
+class Rule:
+    """`kind` is the TOML type, `allowed` the words shown in errors and docs,
+    `convert` returns the value to store or raises _Invalid."""
+
+    kind: str
+    allowed: str
+    convert: Callable[[object], object]
+
+
+@dataclass(frozen=True)
+class Field:
+    unit: str
+    rule: Rule
+    meaning: str
+
+
+def _integer(lo: int, hi: int) -> Rule:
+    def convert(v: object) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise _Invalid()
+        return v
+
+    return Rule("integer", f"an integer from {lo} to {hi}", convert)
+
+
+def _number(lo: float, hi: float, *, above_lo: bool = False) -> Rule:
+    """A float; TOML's `1` is accepted as 1.0, `true`, nan and inf are not."""
+
+    def convert(v: object) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise _Invalid()
+        if not ((lo < v) if above_lo else (lo <= v)) or not v <= hi:
+            raise _Invalid()
+        return float(v)
+
+    low = f"above {lo:g} and at most" if above_lo else f"from {lo:g} to"
+    return Rule("float", f"a number {low} {hi:g}", convert)
+
+
+def _boolean() -> Rule:
+    def convert(v: object) -> bool:
+        if not isinstance(v, bool):
+            raise _Invalid()
+        return v
+
+    return Rule("boolean", "true or false", convert)
+
+
+def _choice(names: Iterable[str]) -> Rule:
+    names = tuple(names)
+
+    def convert(v: object) -> str:
+        if not isinstance(v, str) or v not in names:
+            raise _Invalid()
+        return v
+
+    return Rule("string", "one of " + ", ".join(names), convert)
+
+
+def _text(pattern: str, allowed: str) -> Rule:
+    regex = re.compile(pattern)
+
+    def convert(v: object) -> str:
+        if not isinstance(v, str) or not regex.fullmatch(v):
+            raise _Invalid()
+        return v
+
+    return Rule("string", allowed, convert)
+
+
+def _node_id() -> Rule:
+    """Empty (derive one, see agent.identity) or what the wire accepts as a node id."""
+
+    def convert(v: object) -> str:
+        if v == "":
+            return v
+        try:
+            return check_node_id(v)
+        except BadMessage:
+            raise _Invalid() from None
+
+    return Rule("string", f"empty, or {NODE_ID_RULE}", convert)
+
+
+def _ip(v: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address `v` spells, or None when it is not an IP literal."""
+    if not isinstance(v, str):
+        return None
+    try:
+        return ipaddress.ip_address(v)
+    except ValueError:
+        return None
+
+
+def _bind_address() -> Rule:
+    def convert(v: object) -> str:
+        if _ip(v) is None:
+            raise _Invalid()
+        return v
+
+    return Rule("string", "an IPv4 or IPv6 address (0.0.0.0 or :: = every address)", convert)
+
+
+def _advertise_address() -> Rule:
+    """Others send to this address, so 0.0.0.0, :: and multicast make no sense."""
+
+    def convert(v: object) -> str:
+        if v == "":
+            return v
+        ip = _ip(v)
+        if ip is None or ip.is_unspecified or ip.is_multicast:
+            raise _Invalid()
+        return v
+
+    return Rule("string", "empty, or a unicast IPv4 or IPv6 address", convert)
+
+
+def _abs_path() -> Rule:
+    """Absolute only: the agent runs from systemd, where a relative path has no meaning."""
+
+    def convert(v: object) -> Path:
+        if not isinstance(v, str | os.PathLike) or not os.path.isabs(v):
+            raise _Invalid()
+        return Path(v)
+
+    return Rule("path", "an absolute path", convert)
+
+
+def _strings(item: Rule, most: int) -> Rule:
+    """A list stored as a tuple; a repeated entry is an error (it would mean a typo)."""
+
+    def convert(v: object) -> tuple[str, ...]:
+        if not isinstance(v, list | tuple) or len(v) > most:
+            raise _Invalid()
+        for i, x in enumerate(v):
+            try:
+                item.convert(x)
+            except _Invalid as e:
+                raise _Invalid(e.why, part=x) from None
+            if x in v[:i]:
+                raise _Invalid("listed twice", part=x)
+        return tuple(v)
+
+    return Rule("list of strings", f"at most {most} distinct entries, each {item.allowed}", convert)
+
+
+_DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+
+
+def _is_dns_name(host: str) -> bool:
+    """RFC 1123 host name; an all-digit last label would be a mistyped IPv4 address."""
+    labels = host.split(".")
+    return len(host) <= 253 and all(_DNS_LABEL.fullmatch(x) for x in labels) and not labels[-1].isdigit()
+
+
+def _seed_port(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 1 <= int(text) <= 65535:
+        raise _Invalid("the port must be 1-65535")
+    return int(text)
+
+
+def _seed(text: object) -> tuple[str, int]:
+    if not isinstance(text, str):
+        raise _Invalid()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or not isinstance(_ip(host), ipaddress.IPv6Address):
+            raise _Invalid("not an IPv6 address inside [ ]")
+        if rest and not rest.startswith(":"):
+            raise _Invalid()
+        return host, _seed_port(rest[1:]) if rest else DEFAULT_PORT
+    if text.count(":") > 1:
+        raise _Invalid(f"an IPv6 address needs brackets: [{text}]")
+    host, colon, port = text.partition(":")
+    if not (isinstance(_ip(host), ipaddress.IPv4Address) or _is_dns_name(host)):
+        raise _Invalid()
+    return host, _seed_port(port) if colon else DEFAULT_PORT
+
+
+_SEED = Rule(
+    "string",
+    f"HOST[:PORT] with HOST an IPv4 address, an [IPv6] address in brackets or a DNS name, PORT 1-65535 (default {DEFAULT_PORT})",
+    _seed,
+)
+
+
+def parse_seed(text: str) -> tuple[str, int]:
+    """`HOST[:PORT]` to (host, port), brackets removed; ConfigError if malformed."""
+    try:
+        return _seed(text)
+    except _Invalid as e:
+        raise ConfigError("discovery.seeds", text, _SEED.allowed, problem=_expected(_SEED, e)) from None
+
+
+def _expected(rule: Rule, e: _Invalid) -> str:
+    return f"expected {rule.allowed}" + (f" ({e.why})" if e.why else "")
+
+
+# ---------------------------------------------------------------------------
+# The fields. Defaults live on the dataclasses above (and on MembershipSettings
+# and PROFILES); unit, allowed values and meaning live here.
+
+_SECTIONS: dict[str, type] = {
+    "node": NodeConfig,
+    "discovery": DiscoveryConfig,
+    "membership": MembershipSettings,
+    "load": LoadConfig,
+    "api": ApiConfig,
+    "log": LogConfig,
+}
+
+_OWN_FIELDS: dict[str, Field] = {
+    "node.id": Field("", _node_id(), "this node's name in the mesh; empty = derive `<hostname>-<8 hex>` once and keep it in data_dir/node-id"),
+    "node.mesh": Field("", _text(r"[a-z0-9-]{1,32}", "1-32 lowercase letters, digits and -"), "name of the mesh; nodes only talk to nodes of the same mesh"),
+    "node.data_dir": Field("", _abs_path(), "where the node id and boot counter are kept (created with mode 0750)"),
+    "node.bind": Field("", _bind_address(), "address the CoAP endpoint listens on"),
+    "node.port": Field("UDP port", _integer(1, 65535), "port the CoAP endpoint listens on, and that others use to reach us"),
+    "node.advertise": Field("", _advertise_address(), "address others use to reach us; empty = detect it"),
+    "node.fleet_key_file": Field("", _abs_path(), "file holding the fleet key(s) that authenticate and encrypt every packet"),
+    "node.insecure": Field("", _boolean(), "run without a fleet key (packets in the clear, anyone can join): for a lab only"),
+    "node.capabilities": Field("", _strings(_text(r"[a-z0-9_=.-]{1,32}", "1-32 of a-z 0-9 _ = . -"), 16), "labels gossiped with our load, for placing work (e.g. `camera`, `arch=arm64`)"),
+    "discovery.seeds": Field("", _strings(_SEED, 32), "members to contact when joining; empty = rely on mDNS"),
+    "discovery.mdns": Field("", _boolean(), "announce and find members of the mesh on the local link with mDNS/DNS-SD"),
+    "discovery.mdns_interfaces": Field("", _strings(_text(r"[^/:\s]{1,15}", "an interface name (1-15 characters, no / : or spaces)"), 16), "interfaces mDNS uses; empty = all"),
+    "discovery.address_check_ms": Field("ms", _integer(500, 600_000), "how often we re-read our own addresses (DHCP, Wi-Fi roaming)"),
+    "membership.profile": Field("", _choice(PROFILES), "the preset that gives every membership field not set elsewhere"),
+    "load.sample_interval_ms": Field("ms", _integer(200, 600_000), "how often CPU, memory and temperature are sampled"),
+    "load.smoothing": Field("weight", _number(0, 1, above_lo=True), "EWMA weight of the newest sample (1 = no smoothing)"),
+    "load.meta_refresh_ms": Field("ms", _integer(1000, 3_600_000), "longest time between load updates in gossip"),
+    "load.change_threshold_pct": Field("percentage points", _number(0, 100), "a CPU or memory change beyond this is gossiped at once, but not more often than every sample"),
+    "api.public_read": Field("", _boolean(), "serve /status, /peers and /.well-known/core to CoAP GETs without the fleet key"),
+    "log.level": Field("", _choice(("debug", "info", "warning", "error")), "least severe log message written"),
+}
+
+
+def _all_fields() -> dict[str, Field]:
+    """_OWN_FIELDS plus one entry per MembershipSettings field, in section order."""
+    membership = {f"membership.{n}": Field(unit, _integer(lo, hi), meaning) for n, (unit, lo, hi, meaning) in FIELD_DOCS.items()}
+    merged = _OWN_FIELDS | membership
+    return {key: merged[key] for section in _SECTIONS for key in merged if key.startswith(section + ".")}
+
+
+#: Every config key (dotted), in the order shown by `config show` and the docs.
+FIELDS: dict[str, Field] = _all_fields()
+
+#: The [board] table of a board file (never set by the config file or flags).
+BOARD_FIELDS: dict[str, Field] = {
+    "board.name": Field("", _text(r"[a-z0-9-]{1,32}", "the file name without .toml"), "the profile's name, chosen with --board"),
+    "board.model": Field("", _text(r"[^\n]{0,100}", "up to 100 characters"), 'the text of /proc/device-tree/model before " Rev" that selects this profile; empty = never detected'),
+    "board.serial_device": Field("", _text(r"(/dev/\S+)?", "empty, or a path under /dev"), "the serial console the agent may use; empty = none"),
+    "board.budgets.max_rss_mb": Field("MiB", _integer(16, 65_536), "resident memory the agent should stay under on this board"),
+    "board.budgets.max_members": Field("members", _integer(*FIELD_DOCS["max_members"][1:3]), "largest membership.max_members this board accepts"),
+}
+
+
+# ---------------------------------------------------------------------------
+# Reading layers.
+
+
+def _convert(key: str, value: object, source: str, rule: Rule) -> object:
+    try:
+        return rule.convert(value)
+    except _Invalid as e:
+        bad = value if e.part is None else e.part
+        raise ConfigError(key, bad, rule.allowed, source, _expected(rule, e)) from None
+
+
+def _children(prefix: str, known: Iterable[str]) -> list[str]:
+    """Names directly under `prefix` ("" = the sections), in table order."""
+    start = prefix + "." if prefix else ""
+    return list(dict.fromkeys(k[len(start):].split(".")[0] for k in known if k.startswith(start)))
+
+
+def _unknown(key: str, value: object, source: str, known: Iterable[str]) -> ConfigError:
+    """An error for a key no table has, suggesting a close name or the section it belongs in."""
+    prefix, _, name = key.rpartition(".")
+    children = _children(prefix, known)
+    close = difflib.get_close_matches(name, children, n=1)
+    elsewhere = [k for k in known if k.endswith("." + name)]
+    if close:
+        hint = f"did you mean {prefix + '.' if prefix else ''}{close[0]}?"
+    elif elsewhere:
+        hint = f"did you mean {elsewhere[0]}?"
+    else:
+        hint = "known: " + ", ".join(children)
+    what = "key" if prefix else "section"
+    shown = None if isinstance(value, dict) else value
+    return ConfigError(key, shown, "one of " + ", ".join(children), source, f"unknown {what}; {hint}")
+
+
+def _read_table(doc: Mapping[str, object], source: str, known: Mapping[str, Field], prefix: str = "") -> dict[str, object]:
+    """Dotted key -> checked value for every leaf of a TOML document."""
+    out: dict[str, object] = {}
+    for name, value in doc.items():
+        key = prefix + name
+        if key in known:
+            out[key] = _convert(key, value, source, known[key].rule)
+        elif isinstance(value, dict) and any(k.startswith(key + ".") for k in known):
+            out |= _read_table(value, source, known, key + ".")
+        else:
+            raise _unknown(key, value, source, known)
+    return out
+
+
+def _read_flags(flags: Mapping[str, object]) -> dict[str, object]:
+    """Checked flag values; None means "flag not given" (argparse's default)."""
+    out = {}
+    for key, value in flags.items():
+        if value is None:
+            continue
+        if key not in FIELDS:
+            raise _unknown(key, value, "flag", FIELDS)
+        out[key] = _convert(key, value, "flag", FIELDS[key].rule)
+    return out
+
+
+def _parse(text: str, source: str) -> dict[str, object]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("file", None, "valid TOML", source, f"not valid TOML: {e}") from None
+
+
+def _read_file(path: Path, explicit: bool) -> dict[str, object]:
+    """The file's checked values; none when the default file is absent (defaults are enough)."""
+    source = f"file:{path}"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError("file", str(path), "an existing file", "flag", "no such file") from None
+        return {}
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("file", str(path), "a readable UTF-8 file", source, f"cannot read it: {e}") from None
+    return _read_table(_parse(text, source), source, FIELDS)
+
+
+# ---------------------------------------------------------------------------
+# Board profiles.
+
+
+def known_boards() -> list[str]:
+    """Names of the shipped board profiles (boards/*.toml)."""
+    return sorted(p.name.removesuffix(".toml") for p in files("agent.boards").iterdir() if p.name.endswith(".toml"))
+
+
+def _load_board(name: str) -> tuple[BoardProfile, dict[str, object]]:
+    """A shipped profile and its checked overrides of config fields."""
+    source = f"board:{name}"
+    text = files("agent.boards").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    values = _read_table(_parse(text, source), source, FIELDS | BOARD_FIELDS)
+    for key, f in BOARD_FIELDS.items():
+        if key not in values:
+            raise ConfigError(key, None, f.rule.allowed, source, "missing from the board file")
+    if values["board.name"] != name:
+        raise ConfigError("board.name", values["board.name"], f'"{name}", the file name', source)
+    board = BoardProfile(
+        values.pop("board.name"),
+        values.pop("board.model"),
+        values.pop("board.serial_device"),
+        Budgets(values.pop("board.budgets.max_rss_mb"), values.pop("board.budgets.max_members")),
+    )
+    return board, values
+
+
+def _model(model_path: Path) -> str:
+    """The device-tree model before " Rev" (NUL-terminated in /proc); "" if unreadable."""
+    try:
+        raw = model_path.read_bytes()
+    except OSError:
+        return ""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace").strip().partition(" Rev")[0]
+
+
+def _select_board(name: str | None, model_path: Path) -> tuple[BoardProfile, dict[str, object], str]:
+    """(profile, its overrides, how it was chosen): --board, else the model, else generic."""
+    boards = {n: _load_board(n) for n in known_boards()}
+    if name is not None:
+        if name not in boards:
+            close = difflib.get_close_matches(name, boards, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            allowed = "one of " + ", ".join(boards)
+            raise ConfigError("board", name, allowed, "flag", f"expected {allowed}{hint}")
+        return *boards[name], "flag"
+    model = _model(model_path)
+    for board, overrides in boards.values():
+        if model and board.model == model:
+            return board, overrides, f"detected:{model_path}"
+    return *boards[GENERIC_BOARD], "default"
+
+
+# ---------------------------------------------------------------------------
+# Loading.
+
+
+def _defaults() -> dict[str, object]:
+    """Built-in defaults; membership fields are left to the preset."""
+    out: dict[str, object] = {"membership.profile": DEFAULT_PROFILE}
+    for section, cls in _SECTIONS.items():
+        if cls is not MembershipSettings:
+            out |= {f"{section}.{f.name}": f.default for f in fields(cls)}
+    return out
+
+
+def _fill_from_preset(values: dict[str, object], sources: dict[str, str]) -> None:
+    """Membership fields no layer set take the chosen preset's value."""
+    name = values["membership.profile"]
+    for f in fields(MembershipSettings):
+        key = f"membership.{f.name}"
+        if key not in values:
+            values[key], sources[key] = getattr(PROFILES[name], f.name), f"profile:{name}"
+
+
+def _build(values: Mapping[str, object], board: BoardProfile) -> Config:
+    def section(name: str, cls: type):
+        return cls(**{f.name: values[f"{name}.{f.name}"] for f in fields(cls)})
+
+    sections = {name: section(name, cls) for name, cls in _SECTIONS.items()}
+    return Config(board=board, membership_profile=values["membership.profile"], **sections)
+
+
+def _cross_check(config: Config, sources: Mapping[str, str]) -> None:
+    """Rules between fields; each single field was checked when read."""
+    problems = [(f"membership.{name}", value, allowed) for name, value, allowed in config.membership.problems()]
+    budget = config.board.budgets.max_members
+    if config.membership.max_members > budget:
+        problems.append(("membership.max_members", config.membership.max_members, f"at most {budget}, the budget of board {config.board.name}"))
+    if config.load.meta_refresh_ms < config.load.sample_interval_ms:
+        problems.append(("load.meta_refresh_ms", config.load.meta_refresh_ms, f"at least load.sample_interval_ms ({config.load.sample_interval_ms})"))
+    if problems:
+        key, value, allowed = problems[0]
+        raise ConfigError(key, value, allowed, sources[key])
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    board: str | None = None,
+    flags: dict[str, object] | None = None,
+    model_path: Path = MODEL_PATH,
+    explicit_path: bool = False,
+) -> Loaded:
+    """Defaults < board profile < file < flags, all checked; ConfigError on the first problem.
+
+    `path` None means DEFAULT_PATH. A missing file is fine unless `explicit_path`
+    (the operator named it with --config). `flags` are keyed by dotted names
+    ("node.port"); a None value is a flag that was not given.
+    """
+    values = _defaults()
+    sources = dict.fromkeys(values, "default")
+    profile, overrides, chosen = _select_board(board, model_path)
+    path = DEFAULT_PATH if path is None else path
+    layers = [
+        (f"board:{profile.name}", overrides),
+        (f"file:{path}", _read_file(path, explicit_path)),
+        ("flag", _read_flags(flags or {})),
+    ]
+    for source, layer in layers:
+        values |= layer
+        sources |= dict.fromkeys(layer, source)
+    _fill_from_preset(values, sources)
+    sources |= dict.fromkeys(BOARD_FIELDS, f"board:{profile.name}") | {"board.name": chosen}
+    config = _build(values, profile)
+    _cross_check(config, sources)
+    return Loaded(config, {key: sources[key] for key in _KEYS})
+
+
+# ---------------------------------------------------------------------------
+# Showing.
+
+_KEYS = [*BOARD_FIELDS, *FIELDS]  #: display order: the board first, then the file's sections
+
+
+def _show(value: object) -> str:
+    """A value as TOML spells it, so `config show` reads like the file."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return json.dumps(str(value), ensure_ascii=False)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(map(_show, value)) + "]"
+    return repr(value)
+
+
+def _flat_values(config: Config) -> dict[str, object]:
+    def value(key: str) -> object:
+        return config.membership_profile if key == "membership.profile" else reduce(getattr, key.split("."), config)
+
+    return {key: value(key) for key in _KEYS}
+
+
+def format_config(loaded: Loaded) -> str:
+    """`section.key = value   # source` per key, a blank line between sections."""
+    items = [(key, f"{key} = {_show(v)}") for key, v in _flat_values(loaded.config).items()]
+    width = min(48, max(len(text) for _, text in items))
+    lines: list[str] = []
+    for i, (key, text) in enumerate(items):
+        if i and key.split(".")[0] != items[i - 1][0].split(".")[0]:
+            lines.append("")
+        lines.append(f"{text.ljust(width)}   # {loaded.sources[key]}")
+    return "\n".join(lines) + "\n"
+
+
+def config_as_dict(loaded: Loaded) -> dict[str, object]:
+    """{"config": sections as in the file (JSON-ready), "sources": dotted key -> source}."""
+    tree: dict[str, object] = {}
+    for key, value in _flat_values(loaded.config).items():
+        *parents, leaf = key.split(".")
+        table = reduce(lambda d, p: d.setdefault(p, {}), parents, tree)
+        table[leaf] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+    return {"config": tree, "sources": dict(loaded.sources)}
+
+
+# ---------------------------------------------------------------------------
+# The reference document.
+
+_DOC_INTRO = f"""\
+# Configuration
+
+<!-- Generated by `python -m agent.config --markdown > docs/configuration.md` from
+     agent/config.py, agent/core/settings.py and boards/*.toml: edit those, not this file. -->
+
+meshagent reads one TOML file: `{DEFAULT_PATH}`, or the file named by `--config FILE`.
+The default file may be absent (then the defaults apply); a file named with `--config` must exist.
+
+Each value comes from the last of these that sets it:
+
+1. the built-in default (for `[membership]` fields: the preset named by `membership.profile`);
+2. the board profile, `boards/NAME.toml` (see [Board profiles](#board-profiles));
+3. the file;
+4. command-line flags.
+
+`meshagent config show` prints every value and where it came from: `default`, `profile:NAME`,
+`board:NAME`, `file:PATH` or `flag`.
+
+Everything is checked at start, and nothing is silently ignored: an unknown section or key (with
+a suggestion when a known one is close), a wrong type (`true` is not an integer, `"5683"` is not a
+number) or a value out of range stops the agent with a message like
+
+    config error: node.port = 70000 (from file:/etc/meshagent/agent.toml): expected an integer from 1 to 65535
+
+Example:
+
+```toml
+[node]
+mesh = "greenhouse"
+capabilities = ["camera", "arch=arm64"]
+
+[discovery]
+seeds = ["10.0.0.2", "[fd00::2]:5684", "hub.local"]
+
+[membership]
+profile = "lan"
+probe_interval_ms = 2000
+```
+"""
+
+_DOC_RULES = """\
+Values are also checked against each other:
+
+- `[membership]`: the rules of `MembershipSettings.problems()` (e.g. `probe_timeout_ms` must be
+  below `probe_interval_ms`), and `max_members` may not exceed the board's `budgets.max_members`;
+- `load.meta_refresh_ms` must be at least `load.sample_interval_ms`.
+"""
+
+_DOC_BOARDS = f"""\
+## Board profiles
+
+A board profile holds what depends on the hardware. It is chosen with `--board NAME`; without
+it, the text of `{MODEL_PATH}` before " Rev" (e.g. `Raspberry Pi 4 Model B` from
+`Raspberry Pi 4 Model B Rev 1.4`) selects the profile whose `model` matches, else `generic`.
+A profile file has a `[board]` table and may override any field of the sections above, with the
+same checks; `config show` marks such values `board:NAME`.
+"""
+
+_DOC_IDENTITY = """\
+## Node identity
+
+With `node.id` empty, the node derives `<hostname>-<8 hex>` on first start and keeps it in
+`data_dir/node-id`, so it is unique even when every device is called `raspberrypi`, and stable
+across restarts and renames. The hex is a keyed SHA-256 of `/etc/machine-id` (random when there is
+none). An SD card cloned after first boot copies the machine id and the node-id file, so clones
+share an id: give each clone a new machine id (`rm /etc/machine-id && systemd-machine-id-setup`)
+and delete `data_dir/node-id`, or set `node.id`. `data_dir/boot-count` counts starts.
+"""
+
+
+def _cell(text: str) -> str:
+    """Escape what Markdown would read as a column break or emphasis."""
+    return text.replace("|", "\\|").replace("*", "\\*")
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(map(_cell, row)) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def _section_doc(section: str) -> str:
+    defaults = _defaults()
+    rows = [
+        [f"`{key.split('.', 1)[1]}`", f.rule.kind, f.unit, f"`{_show(defaults[key])}`", f.rule.allowed, f.meaning]
+        for key, f in FIELDS.items()
+        if key.startswith(section + ".")
+    ]
+    return f"## [{section}]\n\n" + _table(["key", "type", "unit", "default", "allowed", "meaning"], rows)
+
+
+def _membership_doc() -> str:
+    names = list(PROFILES)
+    profile = FIELDS["membership.profile"]
+    rows = [
+        [f"`{key.split('.', 1)[1]}`", f.unit, f.rule.allowed, *(f"`{getattr(PROFILES[p], key.split('.', 1)[1])}`" for p in names), f.meaning]
+        for key, f in FIELDS.items()
+        if key.startswith("membership.") and key != "membership.profile"
+    ]
+    header = ["key", "unit", "allowed", *(f"{p} (default)" if p == DEFAULT_PROFILE else p for p in names), "meaning"]
+    return (
+        "## [membership]\n\n"
+        f'`profile` ({profile.rule.allowed}; default `"{DEFAULT_PROFILE}"`): {profile.meaning}. '
+        "A field set by the board, the file or a flag wins over the preset, whichever preset is chosen.\n\n"
+        + _table(header, rows)
+    )
+
+
+def _boards_doc() -> str:
+    fields_rows = [[f"`{key.split('.', 1)[1]}`", f.rule.kind, f.unit, f.rule.allowed, f.meaning] for key, f in BOARD_FIELDS.items()]
+    shipped = []
+    for name in known_boards():
+        board, overrides = _load_board(name)
+        changes = ", ".join(f"`{k} = {_show(v)}`" for k, v in overrides.items()) or "none"
+        shipped.append([f"`{name}`", board.model or "(never detected)", board.serial_device or "(none)", str(board.budgets.max_rss_mb), str(board.budgets.max_members), changes])
+    return (
+        _DOC_BOARDS
+        + "\n"
+        + _table(["key", "type", "unit", "allowed", "meaning"], fields_rows)
+        + "\nShipped profiles:\n\n"
+        + _table(["name", "model", "serial_device", "max_rss_mb", "max_members", "overrides"], shipped)
+    )
+
+
+def markdown_reference() -> str:
+    """docs/configuration.md: every field with unit, default, allowed values and meaning."""
+    parts = [_DOC_INTRO]
+    parts += [_membership_doc() if section == "membership" else _section_doc(section) for section in _SECTIONS]
+    parts += [_DOC_RULES, _boards_doc(), _DOC_IDENTITY]
+    return "\n".join(parts)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m agent.config --markdown > docs/configuration.md")
+    sys.stdout.write(markdown_reference())
