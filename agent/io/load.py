@@ -1,0 +1,189 @@
+"""This host's load, read cheaply from psutil and the Raspberry Pi firmware files.
+
+The runtime samples every sample interval from the event loop, so nothing here
+may block: CPU is psutil's delta since the previous call (interval=None), and
+the rest are single small reads. If psutil fails (/proc hidden by the unit's
+sandbox), cpu, mem and load1 keep their last good value (None if there never
+was one); temperature and throttling are None where the files are missing or
+unreadable (any non-Pi host). A degraded host reports less instead of
+crashing the agent. CPU is smoothed (EWMA) so one busy tick does not make
+task placement flap.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import os
+from dataclasses import dataclass
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import psutil
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+THERMAL_PATH = Path("/sys/class/thermal/thermal_zone0/temp")
+THROTTLED_PATH = Path("/sys/devices/platform/soc/soc:firmware/get_throttled")
+
+#: Bits of the firmware's get_throttled word (same as `vcgencmd get_throttled`).
+THROTTLE_BITS = {
+    0: "under-voltage",
+    1: "freq-capped",
+    2: "throttled",
+    3: "soft-temp-limit",
+    16: "under-voltage-occurred",
+    17: "freq-capped-occurred",
+    18: "throttled-occurred",
+    19: "soft-temp-limit-occurred",
+}
+
+#: psutil sensor groups that mean "the CPU", best first (Pi, Intel, AMD).
+_CPU_SENSORS = ("cpu_thermal", "cpu-thermal", "coretemp", "k10temp", "soc_thermal")
+#: Readings outside this range (°C) are sensor glitches, not temperatures.
+_SANE_TEMP = (-40.0, 150.0)
+
+
+@dataclass(frozen=True)
+class Load:
+    """One sample. cpu and mem are percent (0..100); None means unreadable here."""
+
+    cpu: float | None
+    mem: float | None
+    load1: float | None
+    temp_c: float | None
+    throttled: int | None
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        return dataclasses.asdict(self)
+
+
+def throttle_flags(value: int | None) -> list[str]:
+    """Names of the bits set in a get_throttled word, lowest bit first."""
+    if value is None:
+        return []
+    return [name for bit, name in THROTTLE_BITS.items() if value >> bit & 1]
+
+
+def changed_enough(old: Load, new: Load, threshold_pct: float) -> bool:
+    """True if cpu or mem moved by more than threshold_pct points (or became (un)known).
+
+    Lets the runtime gossip its load only when it matters.
+    """
+    for a, b in ((old.cpu, new.cpu), (old.mem, new.mem)):
+        if (a is None) != (b is None):
+            return True
+        if a is not None and b is not None and abs(b - a) > threshold_pct:
+            return True
+    return False
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _read_thermal_file(path: Path) -> float | None:
+    text = _read_text(path)
+    try:
+        value = int(text) / 1000.0 if text else None
+    except ValueError:
+        return None
+    return value if value is not None and _SANE_TEMP[0] <= value <= _SANE_TEMP[1] else None
+
+
+def _read_psutil_temp() -> float | None:
+    """First sane CPU reading from psutil's hwmon scan; None on hosts without sensors."""
+    try:
+        groups = psutil.sensors_temperatures()
+    except (OSError, AttributeError, RuntimeError):  # AttributeError: platform without sensors
+        return None
+    names = [n for n in _CPU_SENSORS if n in groups] + [n for n in groups if n not in _CPU_SENSORS]
+    for name in names:
+        for reading in groups[name]:
+            # Unconnected hwmon inputs read exactly 0 or far out of range.
+            if _SANE_TEMP[0] <= reading.current <= _SANE_TEMP[1] and reading.current != 0.0:
+                return float(reading.current)
+    return None
+
+
+def _read_throttled(path: Path) -> int | None:
+    text = _read_text(path)
+    try:
+        return int(text, 16) if text else None
+    except ValueError:
+        return None
+
+
+class LoadSampler:
+    """Produces `Load` samples; keep one per process (psutil's CPU delta is per caller state)."""
+
+    def __init__(
+        self,
+        smoothing: float = 0.3,
+        thermal_path: Path = THERMAL_PATH,
+        throttled_path: Path = THROTTLED_PATH,
+    ) -> None:
+        if not 0.0 < smoothing <= 1.0:
+            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        self._smoothing = smoothing
+        self._thermal_path = thermal_path
+        self._throttled_path = throttled_path
+        self._last = Load(cpu=None, mem=None, load1=None, temp_c=None, throttled=None)
+        self._warned: set[str] = set()
+        # The first non-blocking call only sets psutil's baseline and returns 0.0.
+        self._call("cpu", psutil.cpu_percent, None)
+
+    def _call(self, what: str, fn: Callable[..., T], *args: object) -> T | None:
+        """fn(*args), or None (logged once per field) when the OS refuses."""
+        try:
+            return fn(*args)
+        except (OSError, psutil.Error, RuntimeError) as exc:
+            if what not in self._warned:
+                self._warned.add(what)
+                log.warning("cannot read %s, keeping last value: %s", what, exc)
+            return None
+
+    def sample(self) -> Load:
+        """Read everything once; never blocks, never raises."""
+        last = self._last
+        raw_cpu = self._call("cpu", psutil.cpu_percent, None)
+        if raw_cpu is None:
+            cpu = last.cpu
+        elif last.cpu is None:
+            cpu = float(raw_cpu)
+        else:
+            cpu = self._smoothing * raw_cpu + (1.0 - self._smoothing) * last.cpu
+        vm = self._call("mem", psutil.virtual_memory)
+        loadavg = self._call("load1", os.getloadavg)
+        temp = _read_thermal_file(self._thermal_path)
+        self._last = Load(
+            cpu=cpu,
+            mem=float(vm.percent) if vm is not None else last.mem,
+            load1=float(loadavg[0]) if loadavg is not None else last.load1,
+            temp_c=temp if temp is not None else _read_psutil_temp(),
+            throttled=_read_throttled(self._throttled_path),
+        )
+        return self._last
+
+
+@functools.lru_cache(maxsize=1)
+def _own_process(pid: int) -> psutil.Process:
+    """One Process object per pid: its cpu_percent() is a delta since the previous call on it."""
+    return psutil.Process(pid)
+
+
+def process_stats() -> dict[str, float | int | None]:
+    """This process's resident memory and CPU percent since the previous call, for /status."""
+    try:
+        proc = _own_process(os.getpid())
+        with proc.oneshot():
+            return {"rss_bytes": proc.memory_info().rss, "cpu_percent": proc.cpu_percent(interval=None)}
+    except (OSError, psutil.Error) as exc:
+        log.debug("process stats unavailable: %s", exc)
+        return {"rss_bytes": None, "cpu_percent": None}
