@@ -1,0 +1,179 @@
+"""The agent's one CoAP endpoint (aiocoap, UDP): mesh datagrams in and out, and the
+read-only API resources.
+
+Mesh traffic is a non-confirmable POST to `/mesh` carrying one sealed datagram
+and the No-Response option (RFC 7967), so nothing is answered at the CoAP
+layer: SWIM has its own acks and timeouts, and a probe must not wait on CoAP's
+2-second confirmable retransmission timer. aiocoap's `Context.request()` keeps
+a token and a pending response for every request, which for fire-and-forget
+messages would only pile up; so outgoing mesh messages are handed to the
+message layer (`MessageManager.send_message`) of the same UDP transport the
+server listens on. They therefore leave from the server's port, which is the
+address peers see and answer to.
+
+Message IDs: the message layer numbers every message from one 16-bit counter
+and receivers drop a repeat of (peer, MID) for 145 s (NON_LIFETIME). The mesh
+sends a few messages per second to each peer, far below the ~450/s per peer
+pair where IDs would wrap inside that window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable
+
+import aiocoap
+import aiocoap.resource as resource
+from aiocoap import Message
+from aiocoap.numbers.codes import Code
+
+log = logging.getLogger("meshagent.coap")
+
+CBOR = 60  #: CoAP content-format application/cbor
+NO_RESPONSE_ALL = 26  #: RFC 7967: suppress 2.xx, 4.xx and 5.xx responses
+MESH_PATH = ("mesh",)
+MAX_REMOTES = 1024  #: resolved peer addresses cached
+
+
+def uri_host(addr: str) -> str:
+    return f"[{addr}]" if ":" in addr else addr
+
+
+def plain_addr(remote) -> tuple[str, int] | None:
+    """(ip, port) of an aiocoap remote, with IPv4-mapped IPv6 turned back into IPv4."""
+    try:
+        sockaddr = remote.sockaddr
+        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])
+    except (AttributeError, ValueError, IndexError):
+        return None
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip), int(sockaddr[1])
+
+
+class _MeshResource(resource.Resource):
+    """POST /mesh: one sealed datagram. Never answered (No-Response)."""
+
+    rt = "meshagent.mesh"
+    ct = 60
+
+    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]):
+        super().__init__()
+        self._on_datagram = on_datagram
+
+    async def render_post(self, request):
+        src = plain_addr(request.remote)
+        if src is not None:
+            self._on_datagram(request.payload, src)
+        return Message(code=Code.CHANGED, no_response=NO_RESPONSE_ALL)
+
+
+class ReadResource(resource.Resource):
+    """GET returns CBOR from `render()`; the API's read-only views."""
+
+    ct = CBOR
+
+    def __init__(self, rt: str, render: Callable[[], bytes], allowed: Callable[[], bool]):
+        super().__init__()
+        self.rt = rt
+        self._render = render
+        self._allowed = allowed
+
+    async def render_get(self, request):
+        if not self._allowed():
+            return Message(code=Code.UNAUTHORIZED, payload=b"reads need the fleet key (api.public_read = false)")
+        return Message(code=Code.CONTENT, payload=self._render(), content_format=CBOR)
+
+
+class CoapEndpoint:
+    """One aiocoap server context: receive mesh datagrams, serve the API, send datagrams."""
+
+    def __init__(self, bind: str, port: int, on_datagram: Callable[[bytes, tuple[str, int]], None]):
+        self.bind = bind
+        self.port = port
+        self.site = resource.Site()
+        self.site.add_resource([".well-known", "core"], resource.WKCResource(self.site.get_resources_as_linkheader))
+        self.site.add_resource(list(MESH_PATH), _MeshResource(on_datagram))
+        self._ctx: aiocoap.Context | None = None
+        self._mman = None
+        self._remotes: OrderedDict[tuple[str, int], object] = OrderedDict()
+        self._resolving: set[asyncio.Task] = set()
+        self.sent = 0
+        self.sent_bytes = 0
+        self.send_errors = 0
+
+    def add_read(self, path: str, rt: str, render: Callable[[], bytes], allowed: Callable[[], bool]) -> None:
+        self.site.add_resource([path], ReadResource(rt, render, allowed))
+
+    async def start(self) -> None:
+        self._ctx = await aiocoap.Context.create_server_context(self.site, bind=(self.bind, self.port), transports=["udp6"])
+        self._mman = self._ctx.request_interfaces[0].token_interface
+
+    async def stop(self) -> None:
+        if self._ctx is not None:
+            ctx, self._ctx = self._ctx, None
+            await asyncio.wait_for(ctx.shutdown(), timeout=5)
+
+    def send(self, addr: str, port: int, payload: bytes) -> None:
+        """Send one datagram as a NON POST /mesh with No-Response. Errors are counted, never raised.
+
+        A peer's aiocoap remote is resolved once (asynchronously) and cached;
+        after that a send is a synchronous hand-off to the socket."""
+        if self._ctx is None:
+            return
+        remote = self._remotes.get((addr, port))
+        if remote is None:
+            task = asyncio.get_running_loop().create_task(self._resolve_and_send(addr, port, payload))
+            self._resolving.add(task)
+            task.add_done_callback(self._resolving.discard)
+            return
+        self._remotes.move_to_end((addr, port))
+        self._send_to(remote, payload)
+
+    async def _resolve_and_send(self, addr: str, port: int, payload: bytes) -> None:
+        msg = Message(code=Code.POST, uri=f"coap://{uri_host(addr)}:{port}/mesh")
+        try:
+            if not await self._mman.fill_or_recognize_remote(msg):
+                raise OSError("no transport can reach it")
+        except Exception as exc:
+            self.send_errors += 1
+            log.debug("cannot address %s:%s: %s", addr, port, exc)
+            return
+        self._remember(addr, port, msg.remote)
+        self._send_to(msg.remote, payload)
+
+    def _send_to(self, remote, payload: bytes) -> None:
+        if self._ctx is None:
+            return
+        msg = Message(code=Code.POST, payload=payload, no_response=NO_RESPONSE_ALL, transport_tuning=aiocoap.Unreliable)
+        msg.opt.uri_path = MESH_PATH
+        msg.token = secrets.token_bytes(2)
+        msg.remote = remote
+        try:
+            self._mman.send_message(msg, None)
+        except Exception as exc:  # an unreachable network must not stop the agent
+            self.send_errors += 1
+            log.debug("send failed: %s", exc)
+            return
+        self.sent += 1
+        self.sent_bytes += len(payload)
+
+    def _remember(self, addr: str, port: int, remote) -> None:
+        self._remotes[(addr, port)] = remote
+        if len(self._remotes) > MAX_REMOTES:
+            self._remotes.popitem(last=False)
+
+
+async def coap_get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[str, bytes]:
+    """One confirmable GET from a throw-away client context: (response code, payload)."""
+    ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+    try:
+        req = Message(code=Code.GET, uri=f"coap://{uri_host(host)}:{port}/{path}")
+        resp = await asyncio.wait_for(ctx.request(req).response, timeout=timeout)
+        return str(resp.code), resp.payload
+    finally:
+        await asyncio.wait_for(ctx.shutdown(), timeout=5)

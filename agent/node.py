@@ -1,0 +1,275 @@
+"""The one driver: wires the membership core to the network, mDNS, psutil and the disk.
+
+Every `tick_ms` the loop ticks the core and sends what it has ready; every
+datagram that arrives is opened (fleet key), decoded, stepped into the core,
+and whatever the core answers is sent at once. Nothing here decides anything
+about membership: that is `agent.core.membership`. What lives here is time
+(monotonic clock, loop lag), I/O, and the views served at /status and /peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import cbor2
+
+from agent import PROTOCOL_VERSION, __version__
+from agent.config import Config, parse_seed
+from agent.core.membership import Membership, Outgoing
+from agent.counters import Counters
+from agent.envelope import FleetKey, Opener, Sealer
+from agent.io.addresses import AddressWatcher, pick_advertise
+from agent.io.coap import CoapEndpoint
+from agent.io.load import LoadSampler, changed_enough, process_stats
+from agent.io.mdns import MdnsDiscovery
+from agent.messages import Ack, BadMessage, Ping, Status
+from agent.wire import decode_meta, decode_packet, encode_meta, encode_packet
+
+log = logging.getLogger("meshagent")
+
+MAX_PENDING_PINGS = 1024  #: pings awaiting an ack for RTT measurement
+LAG_FACTOR = 4  #: a tick this many tick_ms late counts as local ill health (Lifeguard)
+
+
+@dataclass
+class Identity:
+    node_id: str
+    boot: int  #: persisted start counter: incarnations and replay epochs grow across restarts
+
+
+class Agent:
+    def __init__(self, config: Config, identity: Identity, keys: list[FleetKey] | None, seeds: list[tuple[str, int]] | None = None):
+        self.config = config
+        self.node_id = identity.node_id
+        self.started = time.monotonic()
+        self.drops = Counters()
+        node = config.node
+        self.addr_watch = AddressWatcher(node.bind, node.advertise, config.discovery.mdns_interfaces or None)
+        self.address = self.addr_watch.check() or pick_advertise(node.bind, node.advertise, config.discovery.mdns_interfaces or None)
+        self.sampler = LoadSampler(smoothing=config.load.smoothing)
+        self.load = self.sampler.sample()
+        self._meta_at = time.monotonic()
+        self.core = Membership(
+            config.membership, self.node_id, self.address, node.port, random.Random(),
+            incarnation=identity.boot << 32, meta=self._meta(), counters=self.drops,
+        )
+        self.sealer = Sealer(node.mesh, keys, self.node_id, identity.boot)
+        self.opener = Opener(node.mesh, keys, self.drops)
+        self.insecure = keys is None
+        self.endpoint = CoapEndpoint(node.bind, node.port, self._on_datagram)
+        self.endpoint.add_read("status", "meshagent.status", lambda: cbor2.dumps(self.status()), self._public)
+        self.endpoint.add_read("peers", "meshagent.peers", lambda: cbor2.dumps(self.peers()), self._public)
+        self.mdns = (
+            MdnsDiscovery(self.node_id, node.mesh, self.address, node.port, config.discovery.mdns_interfaces or None, self.core.discovered)
+            if config.discovery.mdns else None
+        )
+        self.seeds = seeds if seeds is not None else [parse_seed(s) for s in config.discovery.seeds]
+        self._pings: OrderedDict[int, tuple[str, float]] = OrderedDict()
+        self.rtt_ms: dict[str, float] = {}
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self.ready = asyncio.Event()
+
+    # --------------------------------------------------------------- lifecycle
+
+    async def run(self) -> None:
+        """Serve until `stop()`; then leave the mesh gracefully."""
+        await self.endpoint.start()
+        log.info("node %s mesh %s listening on %s:%d (advertising %s), protocol %d, version %s",
+                 self.node_id, self.config.node.mesh, self.config.node.bind, self.config.node.port, self.address, PROTOCOL_VERSION, __version__)
+        if self.insecure:
+            log.warning("INSECURE: running without a fleet key; anyone on the network can read and join this mesh (demo only)")
+        if self.mdns is not None:
+            try:
+                await self.mdns.start()
+            except Exception as exc:  # a host without multicast still has seeds
+                log.error("mDNS discovery unavailable: %s", exc)
+                self.mdns = None
+        self.core.join(self.seeds)
+        self._tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self._housekeeping())]
+        self.ready.set()
+        try:
+            await self._stop.wait()
+        finally:
+            await self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        log.info("leaving the mesh")
+        self.core.leave()
+        self._flush()
+        await asyncio.sleep(0.1)  # let the leave datagrams go out
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.mdns is not None:
+            await self.mdns.stop()
+        await self.endpoint.stop()
+
+    # ------------------------------------------------------------- the loop
+
+    async def _tick_loop(self) -> None:
+        tick_s = self.config.membership.tick_ms / 1000
+        next_at = time.monotonic()
+        lag_reported = 0.0
+        while True:
+            next_at += tick_s
+            now = time.monotonic()
+            if now - next_at > tick_s * LAG_FACTOR:
+                # We fell behind (CPU starved, swapping): probe less eagerly rather
+                # than blame peers for our own slowness, and do not try to catch up.
+                if now - lag_reported > self.config.membership.probe_interval_ms / 1000:
+                    self.core.degrade_health()
+                    lag_reported = now
+                next_at = now
+            self.core.tick()
+            self._flush()
+            self._log_events()
+            await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+
+    async def _housekeeping(self) -> None:
+        """Load samples and address checks, each on its own period."""
+        load_every = self.config.load.sample_interval_ms / 1000
+        addr_every = self.config.discovery.address_check_ms / 1000
+        next_load = next_addr = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_load:
+                next_load = now + load_every
+                self._sample_load(now)
+            if now >= next_addr:
+                next_addr = now + addr_every
+                await self._check_address()
+            await asyncio.sleep(max(0.05, min(next_load, next_addr) - time.monotonic()))
+
+    def _sample_load(self, now: float) -> None:
+        new = self.sampler.sample()
+        stale = now - self._meta_at >= self.config.load.meta_refresh_ms / 1000
+        if stale or changed_enough(self.load, new, self.config.load.change_threshold_pct):
+            self.load = new
+            self._meta_at = now
+            self.core.set_meta(self._meta())
+
+    async def _check_address(self) -> None:
+        new = self.addr_watch.check()
+        if new and new != self.address:
+            log.info("our address changed from %s to %s; telling the mesh", self.address, new)
+            self.address = new
+            self.core.set_address(new, self.config.node.port)
+            if self.mdns is not None:
+                await self.mdns.update_address(new)
+
+    def _meta(self) -> bytes:
+        return encode_meta(self.load.as_dict(), list(self.config.node.capabilities), __version__)
+
+    # ------------------------------------------------------------- datagrams
+
+    def _on_datagram(self, data: bytes, src: tuple[str, int]) -> None:
+        opened = self.opener.open(data)
+        if opened is None:
+            return
+        sender, body = opened
+        try:
+            packet = decode_packet(body)
+        except BadMessage as exc:
+            self.drops.inc(exc.reason)
+            return
+        if packet.sender != sender:
+            self.drops.inc("sender_mismatch")
+            return
+        self._note_acks(packet)
+        self.core.step(packet, src)
+        self._flush()
+
+    def _flush(self) -> None:
+        for out in self.core.ready():
+            self._note_pings(out)
+            datagram = self.sealer.seal(encode_packet(out.packet))
+            self.endpoint.send(out.addr, out.port, datagram)
+
+    def _note_pings(self, out: Outgoing) -> None:
+        """Remember when each direct ping left, to measure round-trip times."""
+        for msg in out.packet.messages:
+            if isinstance(msg, Ping):
+                self._pings[msg.seq] = (msg.target, time.monotonic())
+                if len(self._pings) > MAX_PENDING_PINGS:
+                    self._pings.popitem(last=False)
+
+    def _note_acks(self, packet) -> None:
+        for msg in packet.messages:
+            if isinstance(msg, Ack):
+                sent = self._pings.pop(msg.seq, None)
+                if sent is not None and sent[0] == packet.sender:
+                    rtt = (time.monotonic() - sent[1]) * 1000
+                    old = self.rtt_ms.get(sent[0])
+                    self.rtt_ms[sent[0]] = rtt if old is None else 0.8 * old + 0.2 * rtt
+
+    def _log_events(self) -> None:
+        for ev in self.core.take_events():
+            old = ev.old.name.lower() if ev.old is not None else "new"
+            level = logging.WARNING if ev.new in (Status.SUSPECT, Status.DEAD) else logging.INFO
+            log.log(level, "member %s: %s -> %s (incarnation %d)", ev.node, old, ev.new.name.lower(), ev.incarnation)
+            if ev.new in (Status.DEAD, Status.LEFT):
+                self.rtt_ms.pop(ev.node, None)
+
+    # ------------------------------------------------------------------ views
+
+    def _public(self) -> bool:
+        return self.config.api.public_read
+
+    def status(self) -> dict:
+        counts = {s.name.lower(): 0 for s in Status}
+        for m in self.core.members.values():
+            counts[m.status.name.lower()] += 1
+        proc = process_stats()
+        load = self.load.as_dict()
+        return {
+            "node_id": self.node_id,
+            "mesh": self.config.node.mesh,
+            "address": self.address,
+            "port": self.config.node.port,
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "insecure": self.insecure,
+            "board": self.config.board.name,
+            "incarnation": self.core.incarnation,
+            "awareness": self.core.awareness,
+            "members": counts,
+            "load": {"cpu": load["cpu"], "mem": load["mem"], "load1": load["load1"], "temp_c": load["temp_c"], "throttled": load["throttled"]},
+            "capabilities": list(self.config.node.capabilities),
+            "process": proc,
+            "traffic": {"sent_datagrams": self.endpoint.sent, "sent_bytes": self.endpoint.sent_bytes, "send_errors": self.endpoint.send_errors},
+            "drops": self.drops.snapshot(),
+            "mdns": self.mdns is not None,
+        }
+
+    def peers(self) -> list[dict]:
+        now = self.core.now
+        tick_s = self.config.membership.tick_ms / 1000
+        out = []
+        for m in sorted(self.core.members.values(), key=lambda m: m.node):
+            if m.node == self.node_id:
+                continue
+            meta = decode_meta(m.meta)
+            out.append({
+                "id": m.node,
+                "address": m.addr,
+                "port": m.port,
+                "state": m.status.name.lower(),
+                "incarnation": m.incarnation,
+                "load": {k: meta.get(k) for k in ("cpu", "mem", "load1", "temp_c", "throttled")},
+                "capabilities": meta.get("capabilities", []),
+                "version": meta.get("version"),
+                "rtt_ms": round(self.rtt_ms[m.node], 2) if m.node in self.rtt_ms else None,
+                "last_seen_s": round((now - m.last_seen) * tick_s, 1) if m.last_seen is not None else None,
+                "since_s": round((now - m.since) * tick_s, 1),
+            })
+        return out
