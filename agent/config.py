@@ -484,15 +484,25 @@ def _read_file(path: Path, explicit: bool) -> dict[str, object]:
 # Board profiles.
 
 
+def _boards_dir():
+    """The board profiles: packaged as agent.boards in a wheel; in a source
+    checkout (`python -m agent` from the repository root, where the local
+    agent/ shadows the installed package) the top-level boards/ beside it."""
+    try:
+        return files("agent.boards")
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parent.parent / "boards"
+
+
 def known_boards() -> list[str]:
     """Names of the shipped board profiles (boards/*.toml)."""
-    return sorted(p.name.removesuffix(".toml") for p in files("agent.boards").iterdir() if p.name.endswith(".toml"))
+    return sorted(p.name.removesuffix(".toml") for p in _boards_dir().iterdir() if p.name.endswith(".toml"))
 
 
 def _load_board(name: str) -> tuple[BoardProfile, dict[str, object]]:
     """A shipped profile and its checked overrides of config fields."""
     source = f"board:{name}"
-    text = files("agent.boards").joinpath(f"{name}.toml").read_text(encoding="utf-8")
+    text = _boards_dir().joinpath(f"{name}.toml").read_text(encoding="utf-8")
     values = _read_table(_parse(text, source), source, FIELDS | BOARD_FIELDS)
     for key, f in BOARD_FIELDS.items():
         if key not in values:

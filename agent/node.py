@@ -185,7 +185,11 @@ class Agent:
             self.drops.inc("sender_mismatch")
             return
         self._note_acks(packet)
-        self.core.step(packet, src)
+        try:
+            self.core.step(packet, src)
+        except Exception:  # our bug, not the peer's: keep serving, but loudly
+            self.drops.inc("internal_error")
+            log.exception("bug: the membership core failed on a packet from %s", packet.sender)
         self._flush()
 
     def _flush(self) -> None:

@@ -11,10 +11,13 @@ message layer (`MessageManager.send_message`) of the same UDP transport the
 server listens on. They therefore leave from the server's port, which is the
 address peers see and answer to.
 
-Message IDs: the message layer numbers every message from one 16-bit counter
-and receivers drop a repeat of (peer, MID) for 145 s (NON_LIFETIME). The mesh
-sends a few messages per second to each peer, far below the ~450/s per peer
-pair where IDs would wrap inside that window.
+Incoming mesh datagrams are taken off the message layer before aiocoap's
+deduplication: it remembers every (peer, Message ID) for EXCHANGE_LIFETIME
+(247 s) with a timer each, which caps a peer pair at 65,536 messages per 247 s
+(after that, new messages are silently dropped as duplicates) and lets a
+flood of forged requests grow memory for minutes. The envelope's replay
+window already does that job for the mesh, bounded. Everything else (the
+API's GETs, a confirmable POST /mesh) takes aiocoap's normal path.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from collections.abc import Callable
 
 import aiocoap
 import aiocoap.resource as resource
-from aiocoap import Message
+from aiocoap import NON, Message
 from aiocoap.numbers.codes import Code
 
 log = logging.getLogger("meshagent.coap")
@@ -98,6 +101,7 @@ class CoapEndpoint:
         self.site = resource.Site()
         self.site.add_resource([".well-known", "core"], resource.WKCResource(self.site.get_resources_as_linkheader))
         self.site.add_resource(list(MESH_PATH), _MeshResource(on_datagram))
+        self._on_datagram = on_datagram
         self._ctx: aiocoap.Context | None = None
         self._mman = None
         self._remotes: OrderedDict[tuple[str, int], object] = OrderedDict()
@@ -112,6 +116,20 @@ class CoapEndpoint:
     async def start(self) -> None:
         self._ctx = await aiocoap.Context.create_server_context(self.site, bind=(self.bind, self.port), transports=["udp6"])
         self._mman = self._ctx.request_interfaces[0].token_interface
+        self._mman.dispatch_message = self._dispatcher(self._mman.dispatch_message)
+
+    def _dispatcher(self, inner):
+        """Wrap the message layer's entry point: NON POST /mesh goes straight to us."""
+
+        def dispatch(message):
+            if message.mtype is NON and message.code is Code.POST and tuple(message.opt.uri_path) == MESH_PATH:
+                src = plain_addr(message.remote)
+                if src is not None:
+                    self._on_datagram(message.payload, src)
+                return
+            inner(message)
+
+        return dispatch
 
     async def stop(self) -> None:
         if self._ctx is not None:
