@@ -104,23 +104,49 @@ def cmd_peers(args) -> int:
 
 
 def _fetch(args, path: str):
+    """GET the view; with --fleet-key-file, a sealed POST that works even where
+    the agent refuses public reads (api.public_read = false)."""
     import cbor2
 
     from agent.io.coap import coap_get
 
     host, port = _agent_address(args.agent)
+    sealed = _sealed_read(args, path) if args.fleet_key_file else None
     try:
-        code, payload = asyncio.run(coap_get(host, port, path, timeout=args.timeout))
+        code, payload = asyncio.run(coap_get(host, port, path, timeout=args.timeout, payload=sealed and sealed[0]))
     except (TimeoutError, asyncio.TimeoutError):
         raise Failure(f"no answer from the agent at {host}:{port} within {args.timeout:g} s (is `meshagent run` running there?)") from None
     except OSError as exc:
         raise Failure(f"cannot reach the agent at {host}:{port}: {exc}") from None
+    if code.startswith("4.01") and not sealed:
+        raise Failure(f"the agent at {host}:{port} refuses public reads; pass --fleet-key-file")
     if not code.startswith("2.05"):
         raise Failure(f"the agent at {host}:{port} answered {code}: {payload.decode(errors='replace')}")
+    if sealed:
+        opened = sealed[1].open(payload)
+        if opened is None:
+            raise Failure(f"the answer from {host}:{port} is not sealed with this fleet key and mesh ({args.mesh})")
+        payload = opened[1]
     try:
         return cbor2.loads(payload)
     except Exception as exc:
         raise Failure(f"the agent at {host}:{port} sent an unreadable {path}: {exc}") from None
+
+
+def _sealed_read(args, path: str):
+    """(sealed request, opener for the answer) under a one-off client identity."""
+    import secrets
+
+    import cbor2
+
+    from agent.counters import Counters
+    from agent.envelope import Opener, Sealer, load_keys
+    from agent.node import API_MAX_ANSWER
+
+    keys = load_keys(Path(args.fleet_key_file))
+    sealer = Sealer(args.mesh, keys, f"cli-{secrets.token_hex(4)}", secrets.randbelow(2**31) + 1)
+    opener = Opener(args.mesh, keys, Counters(), max_datagram=API_MAX_ANSWER + 1024)
+    return sealer.seal(cbor2.dumps(["read", path])), opener
 
 
 def cmd_config_show(args) -> int:
@@ -173,6 +199,8 @@ def _add_client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--agent", metavar="HOST[:PORT]", help="the agent to ask (default 127.0.0.1:5683)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--timeout", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--fleet-key-file", metavar="FILE", help="read with the fleet key (needed where public reads are off)")
+    p.add_argument("--mesh", default="default", metavar="NAME", help="the agent's mesh name, with --fleet-key-file")
 
 
 def build_parser() -> argparse.ArgumentParser:

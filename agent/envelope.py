@@ -257,8 +257,12 @@ class Sealer:
         sender: str,
         boot: int,
         rng_bytes: Callable[[int], bytes] = os.urandom,
+        max_packet: int = MAX_PACKET,
     ):
+        """`max_packet` is larger only for API responses, which CoAP carries
+        block-wise; mesh datagrams keep the default so they fit in 1024 bytes."""
         _check_keys(keys)
+        self.max_packet = max_packet
         self.mesh = check_mesh_name(mesh)
         self.sender = check_node_id(sender)
         if isinstance(boot, bool) or not isinstance(boot, int) or not 0 <= boot <= MAX_BOOT:
@@ -274,8 +278,8 @@ class Sealer:
     def seal(self, packet_bytes: bytes) -> bytes:
         """The datagram for packet_bytes, at most MAX_DATAGRAM bytes. ValueError
         on a packet over MAX_PACKET: the packer's bug."""
-        if len(packet_bytes) > MAX_PACKET:
-            raise ValueError(f"packet of {len(packet_bytes)} bytes exceeds MAX_PACKET={MAX_PACKET}")
+        if len(packet_bytes) > self.max_packet:
+            raise ValueError(f"packet of {len(packet_bytes)} bytes exceeds {self.max_packet}")
         if self.counter > MAX_COUNTER:
             raise ValueError("datagram counter exhausted; restart with a new boot")
         counter, self.counter = self.counter, self.counter + 1
@@ -292,8 +296,12 @@ class Opener:
     in `counters` and returns None. Reasons: oversized, truncated, malformed,
     wrong_mesh, insecure_mismatch, unknown_key, auth_failed, bad_node_id, replay."""
 
-    def __init__(self, mesh: str, keys: Sequence[FleetKey] | None, counters: Counters, max_senders: int = 4096):
+    def __init__(
+        self, mesh: str, keys: Sequence[FleetKey] | None, counters: Counters, max_senders: int = 4096,
+        max_datagram: int = MAX_DATAGRAM,
+    ):
         _check_keys(keys)
+        self.max_datagram = max_datagram
         self.mesh = check_mesh_name(mesh)
         self.counters = counters
         self.window = ReplayWindow(max_senders)
@@ -315,7 +323,7 @@ class Opener:
         return sender, packet
 
     def _unwrap(self, datagram: bytes) -> tuple[str, int, int, bytes]:
-        if len(datagram) > MAX_DATAGRAM:
+        if len(datagram) > self.max_datagram:
             raise BadMessage("oversized")
         if datagram[:1] == COSE_ENCRYPT0_TAG:
             return self._unwrap_cose(datagram[1:])

@@ -33,6 +33,7 @@ from agent.wire import decode_meta, decode_packet, encode_meta, encode_packet
 log = logging.getLogger("meshagent")
 
 MAX_PENDING_PINGS = 1024  #: pings awaiting an ack for RTT measurement
+API_MAX_ANSWER = 256 * 1024  #: bytes of a sealed /status or /peers answer (block-wise over CoAP)
 LAG_FACTOR = 4  #: a tick this many tick_ms late counts as local ill health (Lifeguard)
 
 
@@ -62,8 +63,11 @@ class Agent:
         self.opener = Opener(node.mesh, keys, self.drops)
         self.insecure = keys is None
         self.endpoint = CoapEndpoint(node.bind, node.port, self._on_datagram)
-        self.endpoint.add_read("status", "meshagent.status", lambda: cbor2.dumps(self.status()), self._public)
-        self.endpoint.add_read("peers", "meshagent.peers", lambda: cbor2.dumps(self.peers()), self._public)
+        self.api_drops = Counters()
+        self._api_opener = Opener(node.mesh, keys, self.api_drops, max_senders=256)
+        self._api_sealer = Sealer(node.mesh, keys, self.node_id, identity.boot, max_packet=API_MAX_ANSWER)
+        self.endpoint.add_read("status", "meshagent.status", lambda: cbor2.dumps(self.status()), self._public, self._keyed_read)
+        self.endpoint.add_read("peers", "meshagent.peers", lambda: cbor2.dumps(self.peers()), self._public, self._keyed_read)
         self.mdns = (
             MdnsDiscovery(self.node_id, node.mesh, self.address, node.port, config.discovery.mdns_interfaces or None, self.core.discovered)
             if config.discovery.mdns else None
@@ -228,6 +232,15 @@ class Agent:
     def _public(self) -> bool:
         return self.config.api.public_read
 
+    def _keyed_read(self, request: bytes, render) -> bytes | None:
+        """A read sealed with the fleet key is answered sealed, public or not."""
+        if self._api_opener.open(request) is None:
+            return None
+        answer = render()
+        if len(answer) > API_MAX_ANSWER:
+            answer = cbor2.dumps({"error": f"answer of {len(answer)} bytes exceeds {API_MAX_ANSWER}"})
+        return self._api_sealer.seal(answer)
+
     def status(self) -> dict:
         counts = {s.name.lower(): 0 for s in Status}
         for m in self.core.members.values():
@@ -252,6 +265,8 @@ class Agent:
             "process": proc,
             "traffic": {"sent_datagrams": self.endpoint.sent, "sent_bytes": self.endpoint.sent_bytes, "send_errors": self.endpoint.send_errors},
             "drops": self.drops.snapshot(),
+            "api_drops": self.api_drops.snapshot(),
+            "public_read": self.config.api.public_read,
             "mdns": self.mdns is not None,
         }
 

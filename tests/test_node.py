@@ -109,3 +109,42 @@ def test_hostile_datagrams_are_dropped_counted_and_harmless(tmp_path):
     assert sum(drops.values()) >= 2500
     assert "n5" in alive, "the real peer is still alive"
     assert "n9" not in alive, "nothing from another fleet or mesh got in"
+
+
+def test_reads_need_the_key_when_public_reads_are_off(tmp_path):
+    """api.public_read = false: a plain GET gets 4.01, the CLI with the key file reads."""
+    import subprocess
+    import sys
+
+    from agent.envelope import write_key_file
+
+    key = FleetKey.generate()
+    write_key_file(tmp_path / "fleet.key", [key])
+    loaded = load_config(
+        tmp_path / "none.toml", board="generic",
+        flags={"node.bind": "127.0.0.46", "node.port": PORT, "node.data_dir": tmp_path / "d",
+               "discovery.mdns": False, "api.public_read": False},
+    )
+    agent = Agent(loaded.config, Identity("n6", 1), [key])
+
+    def cli(*extra):
+        return subprocess.run(
+            [sys.executable, "-m", "agent", "status", "--json", "--agent", f"127.0.0.46:{PORT}", *extra],
+            capture_output=True, text=True, timeout=20,
+        )
+
+    async def body():
+        loop = asyncio.get_running_loop()
+        plain = await loop.run_in_executor(None, cli)
+        keyed = await loop.run_in_executor(None, cli, "--fleet-key-file", str(tmp_path / "fleet.key"))
+        write_key_file(tmp_path / "other.key", [FleetKey.generate()])
+        wrong = await loop.run_in_executor(None, cli, "--fleet-key-file", str(tmp_path / "other.key"))
+        return plain, keyed, wrong
+
+    plain, keyed, wrong = asyncio.run(_run([agent], body))
+    assert plain.returncode == 1 and "refuses public reads" in plain.stderr
+    assert keyed.returncode == 0, keyed.stderr
+    import json
+
+    assert json.loads(keyed.stdout)["node_id"] == "n6"
+    assert wrong.returncode == 1 and "4.01" in wrong.stderr

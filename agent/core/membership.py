@@ -415,6 +415,9 @@ class Membership:
         self.broadcasts.push(msg)
 
     def _apply_suspect(self, msg: Suspect) -> None:
+        if msg.node == self.me and msg.incarnation < self.incarnation:
+            self._reannounce()
+            return
         m = self.members.get(msg.node)
         if m is None or msg.incarnation < m.incarnation or m.status in (Status.DEAD, Status.LEFT):
             return
@@ -439,6 +442,9 @@ class Membership:
         self._event(m, old)
 
     def _apply_dead(self, msg: Dead) -> None:
+        if msg.node == self.me and msg.incarnation < self.incarnation:
+            self._reannounce()
+            return
         m = self.members.get(msg.node)
         if m is None or msg.incarnation < m.incarnation:
             return
@@ -459,6 +465,13 @@ class Membership:
             if s.expired(self.now):
                 m = self.members[node]
                 self._apply_dead(Dead(node, m.incarnation, self.me))
+
+    def _reannounce(self) -> None:
+        """Someone still holds an old suspicion (or death) of us: our refutation ran
+        out of retransmits before it reached them. Queue our current Alive again (no
+        new incarnation), so the ack to their next probe or our next gossip carries it."""
+        me = self.members[self.me]
+        self.broadcasts.push(Alive(self.me, me.incarnation, me.addr, me.port, me.meta))
 
     def _refute(self, claimed: int) -> None:
         self._bump_incarnation(claimed)

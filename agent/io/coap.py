@@ -75,21 +75,34 @@ class _MeshResource(resource.Resource):
         return Message(code=Code.CHANGED, no_response=NO_RESPONSE_ALL)
 
 
+COSE = 16  #: CoAP content-format application/cose (a sealed keyed read or its answer)
+
+
 class ReadResource(resource.Resource):
-    """GET returns CBOR from `render()`; the API's read-only views."""
+    """The API's read-only views. GET returns CBOR from `render()` unless public
+    reads are off; POST with a sealed request (fleet key) always works and is
+    answered sealed: `keyed(request payload)` returns the sealed answer or None."""
 
     ct = CBOR
 
-    def __init__(self, rt: str, render: Callable[[], bytes], allowed: Callable[[], bool]):
+    def __init__(self, rt: str, render: Callable[[], bytes], allowed: Callable[[], bool],
+                 keyed: Callable[[bytes, Callable[[], bytes]], bytes | None]):
         super().__init__()
         self.rt = rt
         self._render = render
         self._allowed = allowed
+        self._keyed = keyed
 
     async def render_get(self, request):
         if not self._allowed():
             return Message(code=Code.UNAUTHORIZED, payload=b"reads need the fleet key (api.public_read = false)")
         return Message(code=Code.CONTENT, payload=self._render(), content_format=CBOR)
+
+    async def render_post(self, request):
+        answer = self._keyed(request.payload, self._render)
+        if answer is None:
+            return Message(code=Code.UNAUTHORIZED, payload=b"the request is not sealed with this mesh's fleet key")
+        return Message(code=Code.CONTENT, payload=answer, content_format=COSE)
 
 
 class CoapEndpoint:
@@ -110,8 +123,9 @@ class CoapEndpoint:
         self.sent_bytes = 0
         self.send_errors = 0
 
-    def add_read(self, path: str, rt: str, render: Callable[[], bytes], allowed: Callable[[], bool]) -> None:
-        self.site.add_resource([path], ReadResource(rt, render, allowed))
+    def add_read(self, path: str, rt: str, render: Callable[[], bytes], allowed: Callable[[], bool],
+                 keyed: Callable[[bytes, Callable[[], bytes]], bytes | None] = lambda payload, render: None) -> None:
+        self.site.add_resource([path], ReadResource(rt, render, allowed, keyed))
 
     async def start(self) -> None:
         self._ctx = await aiocoap.Context.create_server_context(self.site, bind=(self.bind, self.port), transports=["udp6"])
@@ -186,11 +200,13 @@ class CoapEndpoint:
             self._remotes.popitem(last=False)
 
 
-async def coap_get(host: str, port: int, path: str, timeout: float = 5.0) -> tuple[str, bytes]:
-    """One confirmable GET from a throw-away client context: (response code, payload)."""
+async def coap_get(host: str, port: int, path: str, timeout: float = 5.0, payload: bytes | None = None) -> tuple[str, bytes]:
+    """One confirmable GET (or, with a payload, POST) from a throw-away client
+    context: (response code, payload). Large answers arrive block-wise."""
     ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     try:
-        req = Message(code=Code.GET, uri=f"coap://{uri_host(host)}:{port}/{path}")
+        code = Code.GET if payload is None else Code.POST
+        req = Message(code=code, uri=f"coap://{uri_host(host)}:{port}/{path}", payload=payload or b"")
         resp = await asyncio.wait_for(ctx.request(req).response, timeout=timeout)
         return str(resp.code), resp.payload
     finally:
