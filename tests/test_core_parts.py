@@ -66,3 +66,15 @@ def test_queue_is_bounded():
         q.push(Dead(f"n{i}", 1, "a"))
     assert len(q) == 10
     assert Dead("n99", 1, "a") in q.pending(), "the newest news survives"
+
+
+def test_a_quorum_of_confirmations_cuts_the_timeout_to_the_quorum_floor():
+    s = Suspicion(start=0, suspector="a", k=3, min_ticks=100, max_ticks=600, quorum=5, quorum_ticks=20)
+    for who in "bcd":
+        s.confirm(who)
+    assert s.timeout() == 100, "k confirmations: Lifeguard's minimum"
+    s.confirm("e")
+    assert s.timeout() == 100
+    s.confirm("f")
+    assert s.timeout() == 20, "a quorum of independent confirmations"
+    assert not s.confirm("g"), "nothing past the quorum changes anything"

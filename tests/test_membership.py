@@ -129,3 +129,20 @@ def test_join_retries_seeds_with_backoff_until_someone_answers():
             times.append(t)
     gaps = [b - a_ for a_, b in zip(times, times[1:])]
     assert gaps[:3] == [2, 4, 8] and max(gaps) == 8, gaps
+
+
+def test_a_suspect_is_probed_again_with_the_suspicion_and_its_ack_refutes():
+    a, x = core("a"), core("x", inc=4)
+    for n in "bcd":
+        a.step(Packet(n, (Alive(n, 1, f"10.0.1.{ord(n)}", 5683),)), (f"10.0.1.{ord(n)}", 5683))
+    a.step(Packet("x", (Alive("x", 4, x.members["x"].addr, 5683),)), (x.members["x"].addr, 5683))
+    a.step(Packet("b", (Suspect("x", 4, "b"),)), ("10.0.1.98", 5683))
+    a.ready()
+    a.tick()  # hearing a suspicion makes the suspect our next probe, at once
+    ping_pkt = next(o.packet for o in a.ready() if any(isinstance(m, Ping) for m in o.packet.messages))
+    assert ping_pkt.messages[0] == Ping(ping_pkt.messages[0].seq, "x")
+    assert Suspect("x", 4, "a") in ping_pkt.messages, "the buddy system: the suspicion rides on the probe"
+    x.step(ping_pkt, (a.members["a"].addr, 5683))
+    ack_pkt = next(o.packet for o in x.ready() if any(isinstance(m, Ack) for m in o.packet.messages))
+    a.step(ack_pkt, (x.members["x"].addr, 5683))
+    assert a.members["x"].status == Status.ALIVE and a.members["x"].incarnation == 5, "the refutation came back on the ack"

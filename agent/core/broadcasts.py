@@ -22,6 +22,7 @@ class _Item:
     msg: Gossip
     transmits: int
     order: int  #: newer items win ties, so fresh news spreads first
+    size: int = -1  #: size_of(msg), computed once on first use
 
 
 class BroadcastQueue:
@@ -62,7 +63,9 @@ class BroadcastQueue:
                 break
             if first is not None and item.msg == first:
                 continue
-            size = size_of(item.msg)
+            size = item.size
+            if size < 0:
+                size = item.size = size_of(item.msg)
             if size > budget:
                 continue
             out.append(item.msg)

@@ -21,11 +21,14 @@ did not even nack, refuting suspicions of ourselves, or the driver reporting
 event-loop lag (`awareness`); (3) a probe of a suspect carries the suspicion
 (buddy system) so the member learns of it at once.
 
-One addition to memberlist: hearing someone else's suspicion of X puts X at
-the front of our probe list, so a member that really died collects its
-confirmations within one probe period instead of waiting for the round-robin
-to come round, while a live member answers those probes and its refutation
-rides back on the acks.
+One addition to memberlist: every member we hold suspect is probed again,
+with the suspicion attached, on every other probe period until it refutes or
+times out. A member that really died collects its confirmations within a
+period or two, instead of waiting for the round-robin to come round; a live
+member answers, and since it handles the attached suspicion before it acks,
+its refutation rides back on the ack. (Without this, a suspicion whose
+refutation was lost on the way to us could only be cleared by push-pull,
+which may come after the suspicion timeout: a false death.)
 
 Dissemination: `Alive`/`Suspect`/`Dead` go into a broadcast queue and ride on
 every packet we send that has room, each sent retransmit_mult*log10(N+1)
@@ -37,6 +40,7 @@ heal partitions.
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass
@@ -111,6 +115,7 @@ class _Probe:
     acked: bool = False
     indirect: int = 0  #: relays asked
     nacks: int = 0
+    suspect: bool = False  #: a re-probe of a member we already suspect
 
 
 @dataclass(slots=True)
@@ -147,7 +152,8 @@ class Membership:
         self._suspicions: dict[str, Suspicion] = {}
         self._probe: _Probe | None = None
         self._probe_order: list[str] = []
-        self._priority: deque[str] = deque()
+        self._priority: deque[str] = deque()  #: suspects to probe again, every other period
+        self._last_was_priority = False
         self._relays: dict[int, _Relay] = {}
         self._next_probe = 0
         self._next_gossip = rng.randrange(max(1, settings.ticks(settings.gossip_interval_ms)))
@@ -274,8 +280,8 @@ class Membership:
         p = self._probe
         if p is not None and not p.acked and p.indirect == 0 and self.now >= p.timeout_at:
             self._indirect_probe(p)
-        if p is not None and self.now >= p.ends_at:
-            self._finish_probe(p)
+        if p is not None and (self.now >= p.ends_at or (p.indirect and p.nacks >= p.indirect and not p.acked)):
+            self._finish_probe(p)  # at the period's end, or once every relay said the target is silent
         if self._probe is None and self.now >= self._next_probe:
             self._start_probe()
 
@@ -292,15 +298,17 @@ class Membership:
             timeout_at=self.now + self.s.ticks(self.s.probe_timeout_ms) * scale,
             ends_at=self._next_probe,
         )
-        buddy = Suspect(m.node, m.incarnation, self.me) if m.status == Status.SUSPECT else None
+        self._probe.suspect = m.status == Status.SUSPECT
+        buddy = Suspect(m.node, m.incarnation, self.me) if self._probe.suspect else None
         self._send((m.addr, m.port), Ping(seq, target), first=buddy)
 
     def _next_target(self) -> str | None:
-        while self._priority:
-            node = self._priority.popleft()
-            m = self.members.get(node)
-            if m is not None and m.status == Status.SUSPECT:
+        if not self._last_was_priority:
+            node = self._pop_priority()
+            if node is not None:
+                self._last_was_priority = True
                 return node
+        self._last_was_priority = False
         for _ in range(2):
             while self._probe_order:
                 node = self._probe_order.pop()
@@ -310,6 +318,28 @@ class Membership:
             self._probe_order = [n for n, m in self.members.items() if n != self.me and m.status in (Status.ALIVE, Status.SUSPECT)]
             self.rng.shuffle(self._probe_order)
         return None
+
+    def _probe_soon(self) -> None:
+        """Start the next probe now if our probe slot is free (no probe, or the
+        current one already acked): hearing a suspicion should lead to a
+        confirmation or a refutation within one probe, not one period later."""
+        p = self._probe
+        if p is not None and p.acked:
+            self._finish_probe(p)
+        if self._probe is None:
+            self._next_probe = min(self._next_probe, self.now)
+
+    def _pop_priority(self) -> str | None:
+        while self._priority:
+            node = self._priority.popleft()
+            m = self.members.get(node)
+            if m is not None and m.status == Status.SUSPECT:
+                return node
+        return None
+
+    def _probe_suspect_again(self, node: str) -> None:
+        if node not in self._priority and len(self._priority) < MAX_PRIORITY:
+            self._priority.append(node)
 
     def _indirect_probe(self, p: _Probe) -> None:
         target = self.members.get(p.target)
@@ -322,14 +352,19 @@ class Membership:
 
     def _finish_probe(self, p: _Probe) -> None:
         self._probe = None
+        m = self.members.get(p.target)
         if p.acked:
             self._adjust_awareness(-1)
-            return
-        # Lifeguard: relays that did not even nack suggest the problem is ours.
-        self._adjust_awareness(p.indirect - p.nacks if p.indirect else 1)
-        m = self.members.get(p.target)
-        if m is not None and m.status in (Status.ALIVE, Status.SUSPECT):
-            self._apply_suspect(Suspect(m.node, m.incarnation, self.me))
+        else:
+            # Lifeguard: relays that did not even nack suggest the problem is ours.
+            # Not on a re-probe of a suspect: it is expected to fail, and its relays
+            # include other members that just died with it.
+            if not p.suspect:
+                self._adjust_awareness(p.indirect - p.nacks if p.indirect else 1)
+            if m is not None and m.status in (Status.ALIVE, Status.SUSPECT):
+                self._apply_suspect(Suspect(m.node, m.incarnation, self.me))
+        if m is not None and m.status == Status.SUSPECT:
+            self._probe_suspect_again(m.node)
 
     def _handle_ack(self, ack: Ack) -> None:
         p = self._probe
@@ -350,7 +385,9 @@ class Membership:
             self.counters.inc("relay_limit")
             return
         seq = self._next_seq()
-        self._relays[seq] = _Relay(src, msg.seq, self.now + self.s.ticks(self.s.probe_timeout_ms))
+        # Lifeguard: nack after 80% of the probe timeout, so the nack reaches the
+        # prober before its probe period ends (it asked us one timeout into it).
+        self._relays[seq] = _Relay(src, msg.seq, self.now + max(1, self.s.ticks(self.s.probe_timeout_ms) * 4 // 5))
         self._send((msg.addr, msg.port), Ping(seq, msg.target))
 
     def _tick_relays(self) -> None:
@@ -434,10 +471,14 @@ class Membership:
         m.incarnation, m.status, m.since = msg.incarnation, Status.SUSPECT, self.now
         n = self.live_count()
         lo, hi = self.s.suspicion_bounds_ms(n)
-        k = max(0, min(self.s.indirect_checks, n - 2))
-        self._suspicions[m.node] = Suspicion(self.now, msg.sender, k, self.s.ticks(lo), self.s.ticks(hi))
-        if msg.sender != self.me and m.node not in self._priority and len(self._priority) < MAX_PRIORITY:
-            self._priority.append(m.node)
+        k = max(0, min(self.s.suspicion_confirmations, n - 2))
+        quorum = max(k + 1, math.ceil(self.s.suspicion_quorum_pct * n / 100)) if self.s.suspicion_quorum_pct else 0
+        self._suspicions[m.node] = Suspicion(
+            self.now, msg.sender, k, self.s.ticks(lo), self.s.ticks(hi), quorum, self.s.ticks(self.s.probe_interval_ms)
+        )
+        self._probe_suspect_again(m.node)
+        if msg.sender != self.me:
+            self._probe_soon()
         self.broadcasts.push(msg)
         self._event(m, old)
 

@@ -21,6 +21,8 @@ FIELD_DOCS: dict[str, tuple[str, int, int, str]] = {
     "retransmit_mult": ("factor", 1, 16, "a broadcast is sent retransmit_mult*ceil(log10(N+1)) times"),
     "suspicion_mult": ("factor", 1, 16, "minimum suspicion timeout = suspicion_mult*max(1,log10(N))*probe_interval_ms"),
     "suspicion_max_mult": ("factor", 1, 32, "maximum suspicion timeout = suspicion_max_mult * minimum"),
+    "suspicion_confirmations": ("members", 0, 16, "independent confirmations that bring the suspicion timeout down to its minimum (Lifeguard k)"),
+    "suspicion_quorum_pct": ("%", 0, 100, "once this share of live members confirms a suspicion, it times out after one probe interval (0 = off)"),
     "awareness_max": ("factor", 1, 16, "probe interval and timeout stretch up to this much while we are unhealthy"),
     "push_pull_interval_ms": ("ms", 0, 3_600_000, "full state exchange with one random member (0 = off)"),
     "reconnect_interval_ms": ("ms", 0, 3_600_000, "try a full exchange with one dead member, to heal partitions (0 = off)"),
@@ -42,6 +44,8 @@ class MembershipSettings:
     retransmit_mult: int = 4
     suspicion_mult: int = 4
     suspicion_max_mult: int = 6
+    suspicion_confirmations: int = 3
+    suspicion_quorum_pct: int = 50
     awareness_max: int = 8
     push_pull_interval_ms: int = 30_000
     reconnect_interval_ms: int = 10_000
