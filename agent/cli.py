@@ -107,6 +107,7 @@ def _fetch(args, path: str):
     """GET the view; with --fleet-key-file, a sealed POST that works even where
     the agent refuses public reads (api.public_read = false)."""
     import cbor2
+    from aiocoap.error import NetworkError
 
     from agent.io.coap import coap_get
 
@@ -116,8 +117,8 @@ def _fetch(args, path: str):
         code, payload = asyncio.run(coap_get(host, port, path, timeout=args.timeout, payload=sealed and sealed[0]))
     except (TimeoutError, asyncio.TimeoutError):
         raise Failure(f"no answer from the agent at {host}:{port} within {args.timeout:g} s (is `meshagent run` running there?)") from None
-    except OSError as exc:
-        raise Failure(f"cannot reach the agent at {host}:{port}: {exc}") from None
+    except (OSError, NetworkError) as exc:
+        raise Failure(f"cannot reach the agent at {host}:{port}: {_reason(exc)}") from None
     if code.startswith("4.01") and not sealed:
         raise Failure(f"the agent at {host}:{port} refuses public reads; pass --fleet-key-file")
     if not code.startswith("2.05"):
@@ -131,6 +132,13 @@ def _fetch(args, path: str):
         return cbor2.loads(payload)
     except Exception as exc:
         raise Failure(f"the agent at {host}:{port} sent an unreadable {path}: {exc}") from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost cause: aiocoap wraps e.g. ECONNREFUSED in a bare NetworkError."""
+    while exc.__cause__ is not None or exc.__context__ is not None:
+        exc = exc.__cause__ or exc.__context__
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
 
 
 def _sealed_read(args, path: str):

@@ -217,7 +217,8 @@ class Membership:
     def join(self, seeds: list[Addr]) -> None:
         """Remember the seeds and start contacting them until one answers.
         The seeds are asked again whenever we find ourselves alone."""
-        self._seeds = list(dict.fromkeys(seeds))
+        me = self.members[self.me]
+        self._seeds = [s for s in dict.fromkeys(seeds) if s != (me.addr, me.port)]
         if self._seeds and not self._has_peers():
             self._next_join = self.now
 
