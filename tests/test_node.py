@@ -148,3 +148,22 @@ def test_reads_need_the_key_when_public_reads_are_off(tmp_path):
 
     assert json.loads(keyed.stdout)["node_id"] == "n6"
     assert wrong.returncode == 1 and "4.01" in wrong.stderr
+
+
+def test_a_new_address_of_ours_reaches_the_peers_without_a_restart(tmp_path, mocker):
+    """Wi-Fi reconnect: the watcher reports a new address; peers learn it by gossip."""
+    keys = [FleetKey.generate()]
+    a = _agent(tmp_path, 7, keys)
+    b = _agent(tmp_path, 8, keys, seeds=[("127.0.0.47", PORT)])
+
+    async def body():
+        assert await _until(lambda: _alive(b) == ["n7"], 10)
+        inc = a.core.incarnation
+        mocker.patch.object(a.addr_watch, "check", return_value="127.0.0.49")
+        await a._check_address()
+        seen = await _until(lambda: any(p["id"] == "n7" and p["address"] == "127.0.0.49" for p in b.peers()), 10)
+        return seen, inc, a.core.incarnation, a.status()["address"]
+
+    seen, before, after, address = asyncio.run(_run([a, b], body))
+    assert seen, "the peer lists our new address"
+    assert after > before and address == "127.0.0.49"
