@@ -146,3 +146,15 @@ def test_a_suspect_is_probed_again_with_the_suspicion_and_its_ack_refutes():
     ack_pkt = next(o.packet for o in x.ready() if any(isinstance(m, Ack) for m in o.packet.messages))
     a.step(ack_pkt, (x.members["x"].addr, 5683))
     assert a.members["x"].status == Status.ALIVE and a.members["x"].incarnation == 5, "the refutation came back on the ack"
+
+
+def test_live_count_follows_every_status_change():
+    a = core("a")
+    msgs = [Alive("b", 1, "10.0.0.2", 5683), Alive("c", 1, "10.0.0.3", 5683), Suspect("b", 1, "c"),
+            Dead("c", 1, "b"), Alive("c", 2, "10.0.0.3", 5683), Dead("b", 1, "b"), Alive("b", 5, "10.0.0.2", 5683)]
+    for msg in msgs:
+        a.step(Packet("z", (msg,)), ("10.0.0.9", 5683))
+        recount = sum(1 for m in a.members.values() if m.status in (Status.ALIVE, Status.SUSPECT))
+        assert a.live_count() == recount, msg
+    a.leave()
+    assert a.live_count() == 2

@@ -71,6 +71,7 @@ from agent.wire import MAX_MESSAGES, MAX_PACKET, encoded_size, packet_size, spli
 Addr = tuple[str, int]
 MAX_RELAYS = 256  #: indirect probes we relay at once; more are refused and counted
 MAX_PRIORITY = 16  #: suspects queued for an early probe
+_LIVE = (Status.ALIVE, Status.SUSPECT)
 
 
 @dataclass(slots=True)
@@ -144,6 +145,7 @@ class Membership:
         self.counters = counters if counters is not None else Counters()
         self.now = 0
         self.members: dict[str, Member] = {me: Member(me, addr, port, incarnation, Status.ALIVE, meta, 0, 0)}
+        self._live = 1
         self.broadcasts = BroadcastQueue()
         self.awareness = 0
         self._seq = rng.randrange(MAX_SEQ)
@@ -273,7 +275,9 @@ class Membership:
         return self.members[self.me].incarnation
 
     def live_count(self) -> int:
-        return sum(1 for m in self.members.values() if m.status in (Status.ALIVE, Status.SUSPECT))
+        """Members alive or suspect, us included; kept up to date by `_event`
+        because every packet we send asks for it (retransmit limit)."""
+        return self._live
 
     # ------------------------------------------------------------------ probes
 
@@ -609,4 +613,6 @@ class Membership:
         return t + self.rng.randrange(t // 2 + 1) if t else 0
 
     def _event(self, m: Member, old: Status | None) -> None:
+        """Every status change passes here."""
+        self._live += (m.status in _LIVE) - (old in _LIVE)
         self._events.append(Event(m.node, old, m.status, m.incarnation))
