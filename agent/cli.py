@@ -82,24 +82,22 @@ async def _serve(agent) -> int:
 
 
 def cmd_status(args) -> int:
-    data = _fetch(args, "status")
-    if args.json:
-        print(json.dumps(data, indent=2, sort_keys=True))
-        return 0
-    from agent.tables import format_status
-
-    print(format_status(data))
-    return 0
+    return _show(args, "status")
 
 
 def cmd_peers(args) -> int:
-    data = _fetch(args, "peers")
+    return _show(args, "peers")
+
+
+def _show(args, view: str) -> int:
+    """Print an agent's /status or /peers as JSON or as a table."""
+    from agent import tables
+
+    data = _fetch(args, view)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
-        return 0
-    from agent.tables import format_peers
-
-    print(format_peers(data))
+    else:
+        print(tables.format_status(data) if view == "status" else tables.format_peers(data))
     return 0
 
 
@@ -180,7 +178,10 @@ def cmd_keygen(args) -> int:
 def cmd_demo(args) -> int:
     from agent.demo import run_demo
 
-    return run_demo(args.nodes, base=args.base, port=args.port, insecure=args.insecure, duration=args.duration)
+    try:
+        return run_demo(args.nodes, base=args.base, port=args.port, insecure=args.insecure, duration=args.duration)
+    except ValueError as exc:
+        raise Failure(str(exc)) from None
 
 
 # -------------------------------------------------------------------- parser
@@ -272,10 +273,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from agent.config import ConfigError
     from agent.envelope import KeyFileError
+    from agent.identity import IdentityError
 
     try:
         return args.func(args)
-    except (Failure, ConfigError, KeyFileError) as exc:
+    except (Failure, ConfigError, KeyFileError, IdentityError) as exc:
         print(f"meshagent: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

@@ -160,7 +160,7 @@ def load_keys(path: str | os.PathLike) -> list[FleetKey]:
             raise KeyFileError(f"{path}: mode {stat.S_IMODE(st.st_mode):04o} lets others read the fleet key; chmod 600 it")
         text = path.read_text(encoding="ascii")
     except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such key file (create one with generate_key_file)") from None
+        raise KeyFileError(f"{path}: no such key file (create one with `meshagent keygen --out FILE`, or run with --insecure for a demo)") from None
     except (OSError, UnicodeDecodeError) as e:
         raise KeyFileError(f"{path}: cannot read: {e}") from None
     keys = [_parse_key_line(path, n, line) for n, line in enumerate(text.splitlines(), 1) if _is_key_line(line)]
