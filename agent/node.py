@@ -133,9 +133,13 @@ class Agent:
                     self.core.degrade_health()
                     lag_reported = now
                 next_at = now
-            self.core.tick()
-            self._flush()
-            self._log_events()
+            try:
+                self.core.tick()
+                self._flush()
+                self._log_events()
+            except Exception:  # our bug: keep the loop (and the mesh) alive, loudly
+                self.drops.inc("internal_error")
+                log.exception("bug: a membership tick failed")
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
     async def _housekeeping(self) -> None:
@@ -145,12 +149,15 @@ class Agent:
         next_load = next_addr = time.monotonic()
         while True:
             now = time.monotonic()
-            if now >= next_load:
-                next_load = now + load_every
-                self._sample_load(now)
-            if now >= next_addr:
-                next_addr = now + addr_every
-                await self._check_address()
+            try:
+                if now >= next_load:
+                    next_load = now + load_every
+                    self._sample_load(now)
+                if now >= next_addr:
+                    next_addr = now + addr_every
+                    await self._check_address()
+            except Exception:  # e.g. zeroconf failing to re-announce: retry next period
+                log.exception("housekeeping failed")
             await asyncio.sleep(max(0.05, min(next_load, next_addr) - time.monotonic()))
 
     def _sample_load(self, now: float) -> None:
