@@ -574,10 +574,16 @@ def scenario_converge(c: Cluster, p: Params, r: random.Random, b: Bounds, rep: R
     _check_false_deaths(c, rep)
 
 
+def _victims(p: Params, r: random.Random) -> list[str]:
+    """The nodes a fault scenario strikes, drawn before convergence so the draw is
+    the same whatever convergence consumed from other rngs."""
+    return sorted(r.sample([node_name(i) for i in range(p.nodes)], p.faults))  # type: ignore[arg-type]
+
+
 def scenario_crash(c: Cluster, p: Params, r: random.Random, b: Bounds, rep: Report) -> None:
     """After convergence 1-3 nodes crash together; every survivor must mark each
     DEAD within Bounds.detect; no live node is marked dead."""
-    victims = sorted(r.sample([node_name(i) for i in range(p.nodes)], p.faults))  # type: ignore[arg-type]
+    victims = _victims(p, r)
     if not _converge(c, p, b, rep):
         return
     for v in victims:
@@ -673,7 +679,7 @@ def scenario_partition(c: Cluster, p: Params, r: random.Random, b: Bounds, rep: 
 def scenario_leave(c: Cluster, p: Params, r: random.Random, b: Bounds, rep: Report) -> None:
     """Converge; 1-3 nodes leave gracefully; every survivor must see each LEFT
     within Bounds.spread + 1 push-pull interval, and nobody may ever mark them DEAD."""
-    victims = sorted(r.sample([node_name(i) for i in range(p.nodes)], p.faults))  # type: ignore[arg-type]
+    victims = _victims(p, r)
     if not _converge(c, p, b, rep):
         return
     for v in victims:
@@ -703,7 +709,7 @@ def scenario_restart(c: Cluster, p: Params, r: random.Random, b: Bounds, rep: Re
     everyone must list everyone alive at the new incarnation within Bounds.reconnect
     (a restarted seed node has no other seed to join through when there is one
     seed: it is found again by the others' reconnect to dead members)."""
-    victims = sorted(r.sample([node_name(i) for i in range(p.nodes)], p.faults))  # type: ignore[arg-type]
+    victims = _victims(p, r)
     if not _converge(c, p, b, rep):
         return
     for v in victims:
