@@ -74,6 +74,22 @@ class ApiConfig:
 
 
 @dataclass(frozen=True)
+class ConsensusConfig:
+    enabled: bool = True
+    voters: str | tuple[str, ...] = "auto"
+    tick_ms: int = 100
+    heartbeat_ticks: int = 1
+    election_ticks: int = 8
+    snapshot_entries: int = 10_000
+    keep_entries: int = 1000
+    stabilization_ms: int = 10_000
+    dead_voter_ms: int = 60_000
+    vote_policy: str = "manual"
+    proposal_deadline_s: int = 3600
+    request_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
 
@@ -106,6 +122,7 @@ class Config:
     membership_profile: str = DEFAULT_PROFILE
     load: LoadConfig = field(default_factory=LoadConfig)
     api: ApiConfig = field(default_factory=ApiConfig)
+    consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     log: LogConfig = field(default_factory=LogConfig)
 
 
@@ -237,6 +254,23 @@ def _ip(v: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return None
 
 
+def _voters() -> Rule:
+    """"auto", or an explicit list of node ids (1 to 7, an odd count is advised)."""
+    ids = _strings(_node_id(), 7)
+
+    def convert(v: object) -> str | tuple[str, ...]:
+        if v == "auto":
+            return "auto"
+        if isinstance(v, str):
+            raise _Invalid('a string other than "auto"')
+        out = ids.convert(v)
+        if not out or "" in out:
+            raise _Invalid("an empty list or an empty id")
+        return out
+
+    return Rule("string or array", '"auto" or a list of 1-7 node ids', convert)
+
+
 def _bind_address() -> Rule:
     def convert(v: object) -> str:
         if _ip(v) is None:
@@ -351,6 +385,7 @@ _SECTIONS: dict[str, type] = {
     "membership": MembershipSettings,
     "load": LoadConfig,
     "api": ApiConfig,
+    "consensus": ConsensusConfig,
     "log": LogConfig,
 }
 
@@ -374,6 +409,18 @@ _OWN_FIELDS: dict[str, Field] = {
     "load.meta_refresh_ms": Field("ms", _integer(1000, 3_600_000), "longest time between load updates in gossip"),
     "load.change_threshold_pct": Field("percentage points", _number(0, 100), "a CPU or memory change beyond this is gossiped at once, but not more often than every sample"),
     "api.public_read": Field("", _boolean(), "serve /status, /peers and /.well-known/core to CoAP GETs without the fleet key"),
+    "consensus.enabled": Field("", _boolean(), "take part in the Raft-replicated state (key-value store, proposals); off = membership only"),
+    "consensus.voters": Field("", _voters(), '"auto": the mesh keeps 3 or 5 voters chosen from healthy members; or the node ids of the voters, the same list on every node'),
+    "consensus.tick_ms": Field("ms", _integer(10, 1000), "resolution of the Raft clock; heartbeats and election timeouts are counted in these ticks"),
+    "consensus.heartbeat_ticks": Field("ticks", _integer(1, 100), "leader heartbeat period"),
+    "consensus.election_ticks": Field("ticks", _integer(3, 1000), "a follower that has not heard a leader for a random time in [E, 2E) ticks campaigns (default 0.8-1.6 s)"),
+    "consensus.snapshot_entries": Field("entries", _integer(100, 10_000_000), "snapshot the state and compact the log after this many applied entries"),
+    "consensus.keep_entries": Field("entries", _integer(0, 1_000_000), "entries kept behind a snapshot so a briefly lagging follower needs no snapshot"),
+    "consensus.stabilization_ms": Field("ms", _integer(0, 3_600_000), "auto voters: a member must be healthy this long before it is promoted (Consul: 10 s)"),
+    "consensus.dead_voter_ms": Field("ms", _integer(1000, 7 * 86_400_000), "auto voters: a voter dead this long is replaced"),
+    "consensus.vote_policy": Field("", _choice(("manual", "approve", "reject", "alive-assignee")), "how this node votes on proposals when it is a voter: by hand (`meshagent vote`), always approve, always reject, or approve when the value's `assigned_to` names an alive member"),
+    "consensus.proposal_deadline_s": Field("s", _integer(0, 30 * 86_400), "deadline of a proposal submitted without --deadline (0 = none)"),
+    "consensus.request_timeout_ms": Field("ms", _integer(100, 600_000), "a write not committed within this time is answered \"outcome unknown\" (it may still commit)"),
     "log.level": Field("", _choice(("debug", "info", "warning", "error")), "least severe log message written"),
 }
 

@@ -233,8 +233,11 @@ class ReplayWindow:
 # ------------------------------------------------------------ seal and open
 
 
-def _enc_structure(protected: bytes) -> bytes:
-    return cbor2.dumps(["Encrypt0", protected, EXTERNAL_AAD])
+def _enc_structure(protected: bytes, purpose: str = "") -> bytes:
+    """The AEAD's associated data. A non-empty `purpose` (e.g. "raft") binds a
+    datagram to one channel, so a mesh datagram can never be replayed as a Raft one."""
+    aad = EXTERNAL_AAD + (b"/" + purpose.encode() if purpose else b"")
+    return cbor2.dumps(["Encrypt0", protected, aad])
 
 
 def _protected_header(mesh: str) -> bytes:
@@ -258,9 +261,11 @@ class Sealer:
         boot: int,
         rng_bytes: Callable[[int], bytes] = os.urandom,
         max_packet: int = MAX_PACKET,
+        purpose: str = "",
     ):
-        """`max_packet` is larger only for API responses, which CoAP carries
-        block-wise; mesh datagrams keep the default so they fit in 1024 bytes."""
+        """`max_packet` is larger for API responses, which CoAP carries
+        block-wise, and for Raft datagrams (≤ 4 KB); mesh datagrams keep the
+        default so they fit in 1024 bytes. `purpose` names the channel."""
         _check_keys(keys)
         self.max_packet = max_packet
         self.mesh = check_mesh_name(mesh)
@@ -273,7 +278,7 @@ class Sealer:
         self._key = keys[0] if keys else None
         self._aead = ChaCha20Poly1305(self._key.key) if self._key else None
         self._protected = _protected_header(mesh)
-        self._aad = _enc_structure(self._protected)
+        self._aad = _enc_structure(self._protected, purpose)
 
     def seal(self, packet_bytes: bytes) -> bytes:
         """The datagram for packet_bytes, at most MAX_DATAGRAM bytes. ValueError
@@ -298,7 +303,7 @@ class Opener:
 
     def __init__(
         self, mesh: str, keys: Sequence[FleetKey] | None, counters: Counters, max_senders: int = 4096,
-        max_datagram: int = MAX_DATAGRAM,
+        max_datagram: int = MAX_DATAGRAM, purpose: str = "",
     ):
         _check_keys(keys)
         self.max_datagram = max_datagram
@@ -308,7 +313,7 @@ class Opener:
         self._secure = keys is not None
         self._aeads = {k.kid: ChaCha20Poly1305(k.key) for k in keys or ()}
         self._protected = _protected_header(mesh)
-        self._aad = _enc_structure(self._protected)
+        self._aad = _enc_structure(self._protected, purpose)
 
     def open(self, datagram: bytes) -> tuple[str, bytes] | None:
         """(authenticated sender, packet bytes), or None after counting why not."""

@@ -246,8 +246,8 @@ def test_format_and_dict(tmp_path):
     assert any(line.startswith("node.port = 7000") and line.endswith("# flag") for line in lines)
     assert any(line.startswith('discovery.seeds = ["hub.local"]') and "# file:" in line for line in lines)
     sections = [line.split(".")[0] for line in lines if line]
-    assert list(dict.fromkeys(sections)) == ["board", "node", "discovery", "membership", "load", "api", "log"]
-    assert len(lines) - len(sections) == 6  # one blank line between sections
+    assert list(dict.fromkeys(sections)) == ["board", "node", "discovery", "membership", "load", "api", "consensus", "log"]
+    assert len(lines) - len(sections) == 7  # one blank line between sections
     data = json.loads(json.dumps(config_as_dict(loaded)))
     assert data["config"]["node"]["port"] == 7000 and data["config"]["discovery"]["seeds"] == ["hub.local"]
     assert data["config"]["board"]["budgets"]["max_members"] == 1024
@@ -256,7 +256,7 @@ def test_format_and_dict(tmp_path):
 
 def test_every_field_documented(tmp_path):
     c = load(tmp_path).config
-    sections = ("node", "discovery", "membership", "load", "api", "log")
+    sections = ("node", "discovery", "membership", "load", "api", "consensus", "log")
     expected = {"membership.profile"} | {f"{s}.{f.name}" for s in sections for f in fields(getattr(c, s))}
     assert set(FIELDS) == expected
 
@@ -264,3 +264,24 @@ def test_every_field_documented(tmp_path):
 def test_committed_doc_is_generated():
     doc = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
     assert doc.read_text() == markdown_reference(), "run: python -m agent.config --markdown > docs/configuration.md"
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('voters = "auto"', "auto"),
+    ('voters = ["pi-1", "pi-2", "pi-3"]', ("pi-1", "pi-2", "pi-3")),
+])
+def test_consensus_voters(tmp_path, text, expected):
+    assert load(tmp_path, f"[consensus]\n{text}\n").config.consensus.voters == expected
+
+
+@pytest.mark.parametrize("text, why", [
+    ('voters = "everyone"', 'a string other than "auto"'),
+    ("voters = []", "an empty list"),
+    ('voters = ["pi-1", "pi-1"]', "listed twice"),
+    ('voters = ["a", "b", "c", "d", "e", "f", "g", "h"]', "list of 1-7"),
+    ('voters = ["bad id!"]', "node id"),
+])
+def test_consensus_voters_refused(tmp_path, text, why):
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, f"[consensus]\n{text}\n")
+    assert "consensus.voters" in str(e.value) and why in str(e.value)

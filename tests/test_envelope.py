@@ -325,3 +325,15 @@ def test_configuration_errors(key):
         Sealer(MESH, None, "pi-01", -1)
     with pytest.raises(ValueError):
         FleetKey(b"short", b"k" * 32)
+
+
+def test_purpose_binds_a_datagram_to_its_channel(key):
+    """A mesh datagram replayed to the Raft channel (or the reverse) fails authentication."""
+    raft_sealer = Sealer(MESH, [key], "pi-01", 1, purpose="raft")
+    datagram = raft_sealer.seal(b"\x80")
+    c = Counters()
+    assert Opener(MESH, [key], c).open(datagram) is None and c.snapshot() == {"auth_failed": 1}
+    assert Opener(MESH, [key], Counters(), purpose="raft").open(datagram) == ("pi-01", b"\x80")
+    mesh_datagram = Sealer(MESH, [key], "pi-01", 1).seal(b"\x80")
+    c = Counters()
+    assert Opener(MESH, [key], c, purpose="raft").open(mesh_datagram) is None and c.snapshot() == {"auth_failed": 1}

@@ -39,6 +39,11 @@ log = logging.getLogger("meshagent.coap")
 CBOR = 60  #: CoAP content-format application/cbor
 NO_RESPONSE_ALL = 26  #: RFC 7967: suppress 2.xx, 4.xx and 5.xx responses
 MESH_PATH = ("mesh",)
+RAFT_PATH = ("raft",)  #: Raft datagrams: the same handling as /mesh, up to RAFT_MAX_DATAGRAM
+#: aiocoap's UDP transport reads at most 4096 bytes per datagram (its recvmsg
+#: buffer), CoAP header included; a Raft datagram stays under that. On a
+#: 1500-byte MTU it travels as up to 3 IP fragments; Raft retries a lost one.
+RAFT_MAX_DATAGRAM = 4000
 MAX_REMOTES = 1024  #: resolved peer addresses cached
 
 
@@ -113,8 +118,8 @@ class CoapEndpoint:
         self.port = port
         self.site = resource.Site()
         self.site.add_resource([".well-known", "core"], resource.WKCResource(self.site.get_resources_as_linkheader))
-        self.site.add_resource(list(MESH_PATH), _MeshResource(on_datagram))
-        self._on_datagram = on_datagram
+        self._channels: dict[tuple[str, ...], Callable[[bytes, tuple[str, int]], None]] = {}
+        self.add_channel(MESH_PATH, on_datagram)
         self._ctx: aiocoap.Context | None = None
         self._mman = None
         self._remotes: OrderedDict[tuple[str, int], object] = OrderedDict()
@@ -122,6 +127,16 @@ class CoapEndpoint:
         self.sent = 0
         self.sent_bytes = 0
         self.send_errors = 0
+
+    def add_channel(self, path: tuple[str, ...], on_datagram: Callable[[bytes, tuple[str, int]], None], rt: str = "meshagent.mesh") -> None:
+        """Datagrams POSTed NON to `path` go to `on_datagram(payload, (addr, port))`."""
+        self._channels[path] = on_datagram
+        res = _MeshResource(on_datagram)
+        res.rt = rt
+        self.site.add_resource(list(path), res)
+
+    def add_resource(self, path: tuple[str, ...], res: resource.Resource) -> None:
+        self.site.add_resource(list(path), res)
 
     def add_read(self, path: str, rt: str, render: Callable[[], bytes], allowed: Callable[[], bool],
                  keyed: Callable[[bytes, Callable[[], bytes]], bytes | None] = lambda payload, render: None) -> None:
@@ -133,14 +148,16 @@ class CoapEndpoint:
         self._mman.dispatch_message = self._dispatcher(self._mman.dispatch_message)
 
     def _dispatcher(self, inner):
-        """Wrap the message layer's entry point: NON POST /mesh goes straight to us."""
+        """Wrap the message layer's entry point: NON POST to a channel goes straight to us."""
 
         def dispatch(message):
-            if message.mtype is NON and message.code is Code.POST and tuple(message.opt.uri_path) == MESH_PATH:
-                src = plain_addr(message.remote)
-                if src is not None:
-                    self._on_datagram(message.payload, src)
-                return
+            if message.mtype is NON and message.code is Code.POST:
+                handler = self._channels.get(tuple(message.opt.uri_path))
+                if handler is not None:
+                    src = plain_addr(message.remote)
+                    if src is not None:
+                        handler(message.payload, src)
+                    return
             inner(message)
 
         return dispatch
@@ -150,8 +167,8 @@ class CoapEndpoint:
             ctx, self._ctx = self._ctx, None
             await asyncio.wait_for(ctx.shutdown(), timeout=5)
 
-    def send(self, addr: str, port: int, payload: bytes) -> None:
-        """Send one datagram as a NON POST /mesh with No-Response. Errors are counted, never raised.
+    def send(self, addr: str, port: int, payload: bytes, path: tuple[str, ...] = MESH_PATH) -> None:
+        """Send one datagram as a NON POST to `path` with No-Response. Errors are counted, never raised.
 
         A peer's aiocoap remote is resolved once (asynchronously) and cached;
         after that a send is a synchronous hand-off to the socket."""
@@ -159,14 +176,14 @@ class CoapEndpoint:
             return
         remote = self._remotes.get((addr, port))
         if remote is None:
-            task = asyncio.get_running_loop().create_task(self._resolve_and_send(addr, port, payload))
+            task = asyncio.get_running_loop().create_task(self._resolve_and_send(addr, port, payload, path))
             self._resolving.add(task)
             task.add_done_callback(self._resolving.discard)
             return
         self._remotes.move_to_end((addr, port))
-        self._send_to(remote, payload)
+        self._send_to(remote, payload, path)
 
-    async def _resolve_and_send(self, addr: str, port: int, payload: bytes) -> None:
+    async def _resolve_and_send(self, addr: str, port: int, payload: bytes, path: tuple[str, ...]) -> None:
         msg = Message(code=Code.POST, uri=f"coap://{uri_host(addr)}:{port}/mesh")
         try:
             if not await self._mman.fill_or_recognize_remote(msg):
@@ -176,13 +193,13 @@ class CoapEndpoint:
             log.debug("cannot address %s:%s: %s", addr, port, exc)
             return
         self._remember(addr, port, msg.remote)
-        self._send_to(msg.remote, payload)
+        self._send_to(msg.remote, payload, path)
 
-    def _send_to(self, remote, payload: bytes) -> None:
+    def _send_to(self, remote, payload: bytes, path: tuple[str, ...]) -> None:
         if self._ctx is None:
             return
         msg = Message(code=Code.POST, payload=payload, no_response=NO_RESPONSE_ALL, transport_tuning=aiocoap.Unreliable)
-        msg.opt.uri_path = MESH_PATH
+        msg.opt.uri_path = path
         msg.token = secrets.token_bytes(2)
         msg.remote = remote
         try:
