@@ -1,5 +1,5 @@
 """The `meshagent` command. Exit codes: 0 success, 1 failure (one-line reason on
-stderr), 2 usage error (argparse)."""
+stderr), 2 usage error (argparse), 3 a refused write, 4 no such key or proposal."""
 
 from __future__ import annotations
 
@@ -155,6 +155,13 @@ def _sealed_read(args, path: str):
     return sealer.seal(cbor2.dumps(["read", path])), opener
 
 
+def cmd_recover(args) -> int:
+    from agent.recover import recover
+
+    loaded = _load(args)
+    return recover(loaded.config, _keys(loaded.config), yes=args.yes, timeout=args.timeout, out=print)
+
+
 def cmd_config_show(args) -> int:
     from agent.config import config_as_dict, format_config
 
@@ -248,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="run the demo mesh without a fleet key")
     p.add_argument("--duration", type=float, default=0, metavar="SECONDS", help="stop by itself after this long (0 = until Ctrl-C)")
     p.set_defaults(func=cmd_demo)
+
+    from agent import cli_consensus
+    cli_consensus.add_commands(sub, _add_client_args)
+    p = sub.add_parser("recover", help="offline: restart a mesh whose voters are permanently lost, with this node as the only voter")
+    _add_config_args(p)
+    p.add_argument("--yes", action="store_true", help="do it (without: only check and explain)")
+    p.add_argument("--timeout", type=float, default=3.0, metavar="SECONDS", help="how long to wait for each old voter's answer")
+    p.set_defaults(func=cmd_recover)
     return parser
 
 
@@ -275,9 +290,15 @@ def main(argv: list[str] | None = None) -> int:
     from agent.envelope import KeyFileError
     from agent.identity import IdentityError
 
+    from agent.cli_consensus import CallFailed
+    from agent.io.store import StoreError
+
     try:
         return args.func(args)
-    except (Failure, ConfigError, KeyFileError, IdentityError) as exc:
+    except CallFailed as exc:
+        print(f"meshagent: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except (Failure, ConfigError, KeyFileError, IdentityError, StoreError) as exc:
         print(f"meshagent: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:

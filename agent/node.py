@@ -68,6 +68,9 @@ class Agent:
         self._api_sealer = Sealer(node.mesh, keys, self.node_id, identity.boot, max_packet=API_MAX_ANSWER)
         self.endpoint.add_read("status", "meshagent.status", lambda: cbor2.dumps(self.status()), self._public, self._keyed_read)
         self.endpoint.add_read("peers", "meshagent.peers", lambda: cbor2.dumps(self.peers()), self._public, self._keyed_read)
+        self.consensus = None
+        if config.consensus.enabled:
+            self._start_consensus(config, identity, keys)
         self.mdns = (
             MdnsDiscovery(self.node_id, node.mesh, self.address, node.port, config.discovery.mdns_interfaces or None, self.core.discovered)
             if config.discovery.mdns else None
@@ -78,6 +81,17 @@ class Agent:
         self._stop = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
         self.ready = asyncio.Event()
+
+    def _start_consensus(self, config: Config, identity: Identity, keys) -> None:
+        from agent.api import Api, ApiResource, ProposalsResource
+        from agent.consensus import Consensus
+
+        self.consensus = Consensus(config, self.node_id, identity.boot, keys, self.endpoint, self.core, self.drops)
+        self.api = Api(self.consensus, self.node_id, config.node.mesh, keys, self._public, identity.boot)
+        self.endpoint.add_resource(("api",), ApiResource(self.api))
+        proposals = ProposalsResource(self.api)
+        self.endpoint.add_resource(("proposals",), proposals)
+        self.consensus.listeners.append(proposals.changed)
 
     # --------------------------------------------------------------- lifecycle
 
@@ -95,6 +109,9 @@ class Agent:
                 log.error("mDNS discovery unavailable: %s", exc)
                 self.mdns = None
         self.core.join(self.seeds)
+        if self.consensus is not None:
+            self.consensus.update_learners()
+            await self.consensus.start()
         self._tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self._housekeeping())]
         self.ready.set()
         try:
@@ -113,6 +130,8 @@ class Agent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.consensus is not None:
+            await self.consensus.stop()
         if self.mdns is not None:
             await self.mdns.stop()
         await self.endpoint.stop()
@@ -227,7 +246,10 @@ class Agent:
                     self.rtt_ms[sent[0]] = rtt if old is None else 0.8 * old + 0.2 * rtt
 
     def _log_events(self) -> None:
-        for ev in self.core.take_events():
+        events = self.core.take_events()
+        if events and self.consensus is not None:
+            self.consensus.update_learners()
+        for ev in events:
             old = ev.old.name.lower() if ev.old is not None else "new"
             level = logging.WARNING if ev.new in (Status.SUSPECT, Status.DEAD) else logging.INFO
             log.log(level, "member %s: %s -> %s (incarnation %d)", ev.node, old, ev.new.name.lower(), ev.incarnation)
@@ -275,6 +297,7 @@ class Agent:
             "api_drops": self.api_drops.snapshot(),
             "public_read": self.config.api.public_read,
             "mdns": self.mdns is not None,
+            "raft": self.consensus.status() if self.consensus is not None else None,
         }
 
     def peers(self) -> list[dict]:

@@ -29,6 +29,12 @@ def format_status(s: dict) -> str:
         ("process", f"rss {_num((proc.get('rss_bytes') or 0) / 1e6)} MB  cpu {_num(proc.get('cpu_percent'))}%"),
         ("health", f"awareness {s.get('awareness', 0)} (0 is healthy)"),
     ]
+    raft = s.get("raft")
+    if raft:
+        rows.append(("raft", f"{raft['role']} term {raft['term']}  leader {raft['leader'] or 'none'}  commit {raft['commit_index']}  {raft['mode']}"))
+        rows.append(("voters", ", ".join(raft.get("voters") or []) or "none yet"))
+        if raft.get("why"):
+            rows.append(("why", raft["why"]))
     drops = s.get("drops") or {}
     if drops:
         rows.append(("dropped", "  ".join(f"{k} {v}" for k, v in sorted(drops.items()))))

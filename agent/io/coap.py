@@ -217,13 +217,16 @@ class CoapEndpoint:
             self._remotes.popitem(last=False)
 
 
-async def coap_get(host: str, port: int, path: str, timeout: float = 5.0, payload: bytes | None = None) -> tuple[str, bytes]:
+async def coap_get(host: str, port: int, path: str, timeout: float = 5.0, payload: bytes | None = None,
+                   content_format: int | None = None) -> tuple[str, bytes]:
     """One confirmable GET (or, with a payload, POST) from a throw-away client
     context: (response code, payload). Large answers arrive block-wise."""
     ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
     try:
         code = Code.GET if payload is None else Code.POST
         req = Message(code=code, uri=f"coap://{uri_host(host)}:{port}/{path}", payload=payload or b"")
+        if content_format is not None:
+            req.opt.content_format = content_format
         resp = await asyncio.wait_for(ctx.request(req).response, timeout=timeout)
         return str(resp.code), resp.payload
     finally:
