@@ -53,15 +53,25 @@ def _start(addrs: list[str], port: int, workdir: Path, insecure: bool) -> list[s
     return procs
 
 
-async def _views(addrs: list[str], port: int) -> list[list[dict] | None]:
-    async def one(addr):
+async def _views(addrs: list[str], port: int) -> tuple[list[list[dict] | None], dict | None]:
+    """Every agent's /peers, and the first agent's raft status."""
+    async def one(addr, path="peers"):
         try:
-            code, payload = await coap_get(addr, port, "peers", timeout=1.0)
+            code, payload = await coap_get(addr, port, path, timeout=1.0)
             return cbor2.loads(payload) if code.startswith("2.05") else None
         except Exception:
             return None
 
-    return await asyncio.gather(*(one(a) for a in addrs))
+    *views, status = await asyncio.gather(*(one(a) for a in addrs), one(addrs[0], "status"))
+    return views, (status or {}).get("raft")
+
+
+def _raft_line(raft: dict | None) -> str:
+    if not raft:
+        return ""
+    if not raft["leader"]:
+        return " | raft: no leader yet"
+    return f" | raft: leader {raft['leader']} (term {raft['term']}), {len(raft['voters'])} voters"
 
 
 def _report(views, n: int, t: float, converged_at: float | None) -> str:
@@ -77,19 +87,22 @@ def run_demo(n: int, base: str = "127.0.0.1", port: int = 5690, insecure: bool =
         raise ValueError(f"--nodes {n}: expected 2 to {MAX_NODES}")
     addrs = _addresses(base, n)
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-demo-"))
-    (workdir / "empty.toml").write_text("# the demo uses command-line flags only\n")
+    # Auto voters, promoted after 2 s of health instead of 10 s, so the demo shows them grow.
+    (workdir / "empty.toml").write_text("[consensus]\nvoters = \"auto\"\nstabilization_ms = 2000\n")
     print(f"starting {n} agents on {addrs[0]}..{addrs[-1]} port {port}; logs in {workdir} (Ctrl-C stops them)")
     procs = _start(addrs, port, workdir, insecure)
+    keyarg = "" if insecure else f" --fleet-key-file {workdir / 'fleet.key'} --mesh demo"
+    print(f"try, in another shell: meshagent kv put greeting hello --agent {addrs[-1]}:{port}{keyarg}")
     start = time.monotonic()
     converged_at = None
     try:
         while not duration or time.monotonic() - start < duration:
             time.sleep(1.0)
-            views = asyncio.run(_views(addrs, port))
+            views, raft = asyncio.run(_views(addrs, port))
             t = time.monotonic() - start
             if converged_at is None and all(v is not None and sum(p["state"] == "alive" for p in v) == n - 1 for v in views):
                 converged_at = t
-            print(_report(views, n, t, converged_at), flush=True)
+            print(_report(views, n, t, converged_at) + _raft_line(raft), flush=True)
             dead = [i + 1 for i, p in enumerate(procs) if p.poll() is not None]
             if dead:
                 print(f"agents {dead} exited; see their logs in {workdir}", file=sys.stderr)
