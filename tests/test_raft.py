@@ -135,6 +135,20 @@ def test_decode_refuses_malformed_messages():
         ConfChange.decode(cbor2.dumps(["promote", "a"]))
 
 
+def test_an_append_of_one_largest_entry_fits_a_raft_datagram():
+    from agent.consensus import RAFT_MAX_PACKET
+    from agent.core.raft_messages import MAX_DATA, MAX_INDEX, Append, Entry, EntryKind, Forward
+    from agent.core.statemachine import MAX_COMMAND
+
+    nid = "n" * 64
+    entry = Entry(MAX_INDEX, MAX_INDEX, EntryKind.NORMAL, b"x" * MAX_DATA)
+    append = Append(nid, nid.upper(), MAX_INDEX, MAX_INDEX, MAX_INDEX, (entry,), MAX_INDEX, b"c" * 64)
+    forward = Forward(nid, nid.upper(), MAX_INDEX, b"x" * MAX_DATA)
+    for msg in (append, forward):
+        assert len(cbor2.dumps([msg.to_wire()])) <= RAFT_MAX_PACKET, type(msg).__name__
+    assert MAX_COMMAND <= MAX_DATA, "every state-machine command is a proposal the core accepts"
+
+
 def test_full_append_fits_max_bytes():
     """An Append of entries up to max_append_bytes fits a 4 KB datagram."""
     h = _cluster(3)

@@ -51,7 +51,10 @@ from agent.wire import loads_strict
 
 MAX_INDEX = 2**63 - 1  #: largest index or term
 MAX_APPEND_ENTRIES = 256  #: entries in one Append
-MAX_DATA = 4096  #: bytes of one entry's (or Forward's) data
+#: bytes of one entry's (or Forward's) data: an Append carrying one such entry,
+#: with 64-byte node ids and the largest indexes, still fits one Raft datagram
+#: (agent.io.coap.RAFT_MAX_DATAGRAM less the envelope), or the log would stall on it.
+MAX_DATA = 3072
 MAX_CTX = 64  #: bytes of a ReadIndex / heartbeat context
 MAX_REASON = 200  #: characters of a ForwardRefused reason
 MAX_VOTERS = 64  #: voters in one configuration
