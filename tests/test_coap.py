@@ -116,3 +116,31 @@ def test_send_to_an_unreachable_address_is_counted_not_raised():
 
     ep = asyncio.run(main())
     assert ep.sent + ep.send_errors == 2
+
+
+def test_a_dead_peer_does_not_cost_the_next_datagram():
+    """An ICMP port-unreachable from a peer that died must not make the next send
+    (to a live peer) fail: a Raft candidate asks every voter in turn, and with a
+    dead one before a live one it never got an answer."""
+    received = []
+
+    async def main():
+        a, b = await _endpoints(received)
+        try:
+            a.send("127.0.0.23", PORT, b"resolve")  # the first send to an address resolves it first
+            a.send("127.0.0.22", PORT, b"resolve")
+            await _wait(lambda: len(received) >= 1, 5)
+            received.clear()
+            for i in range(50):
+                # Nobody listens on .23: on loopback the ICMP error is back before
+                # the next line runs, as it is on a LAN by the time of the next tick.
+                a.send("127.0.0.23", PORT, b"to-the-dead")
+                a.send("127.0.0.22", PORT, i.to_bytes(4, "big"))
+                await asyncio.sleep(0.005)
+            await _wait(lambda: len(received) >= 50, 5)
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(main())
+    assert sorted(int.from_bytes(d, "big") for d, _ in received) == list(range(50))

@@ -26,6 +26,7 @@ import asyncio
 import ipaddress
 import logging
 import secrets
+import socket
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -146,6 +147,7 @@ class CoapEndpoint:
         self._ctx = await aiocoap.Context.create_server_context(self.site, bind=(self.bind, self.port), transports=["udp6"])
         self._mman = self._ctx.request_interfaces[0].token_interface
         self._mman.dispatch_message = self._dispatcher(self._mman.dispatch_message)
+        _ignore_icmp_errors(self._mman.message_interface.transport.get_extra_info("socket"))
 
     def _dispatcher(self, inner):
         """Wrap the message layer's entry point: NON POST to a channel goes straight to us."""
@@ -215,6 +217,23 @@ class CoapEndpoint:
         self._remotes[(addr, port)] = remote
         if len(self._remotes) > MAX_REMOTES:
             self._remotes.popitem(last=False)
+
+
+def _ignore_icmp_errors(sock) -> None:
+    """Switch off IP(V6)_RECVERR, which aiocoap turns on.
+
+    With it, an ICMP "port unreachable" from a peer that just died is stored
+    on the socket and makes the *next* sendmsg() fail, whatever its address;
+    aiocoap then drops that datagram and blames its receiver. A member that
+    sends to a dead peer and then to a live one (a Raft candidate asking every
+    voter in turn) lost every message to the live one. Without RECVERR Linux
+    reports no ICMP errors on an unconnected UDP socket, which is what a
+    datagram protocol with its own timeouts wants."""
+    for level, name, number in ((socket.IPPROTO_IPV6, "IPV6_RECVERR", 25), (socket.IPPROTO_IP, "IP_RECVERR", 11)):
+        try:
+            sock.setsockopt(level, getattr(socket, name, number), 0)
+        except OSError:
+            pass  # not Linux, or no such option for this family
 
 
 async def coap_get(host: str, port: int, path: str, timeout: float = 5.0, payload: bytes | None = None,
