@@ -70,8 +70,9 @@ class OutcomeUnknown(Exception):
 class _Waiter:
     future: asyncio.Future
     data: bytes
-    deadline: float
     next_retry: float
+    retry_every: float = RETRY_FORWARD_S  #: doubles after each hand-off: a busy leader is not a lost datagram
+    appended_in: int | None = None  #: the term in which we, as leader, appended it ourselves
 
 
 class Consensus:
@@ -132,7 +133,7 @@ class Consensus:
             self.store.save(None, entries)
             recovered = Recovered(recovered.hard_state, None, entries)
             log.info("bootstrapped the Raft log with voters %s", ", ".join(self.cfg.voters))
-        raft = Raft(self.node_id, self.settings, self.rng, recovered)
+        raft = Raft(self.node_id, self.settings, self.rng, recovered, counters=self.drops)
         raft.applied_to(self.applied)
         return raft
 
@@ -149,7 +150,7 @@ class Consensus:
             return
         entries = Raft.bootstrap_entries([self.node_id])
         self.store.save(None, entries)
-        self.raft = Raft(self.node_id, self.settings, self.rng, Recovered(HardState(term=self.raft.term), None, entries))
+        self.raft = Raft(self.node_id, self.settings, self.rng, Recovered(HardState(term=self.raft.term), None, entries), counters=self.drops)
         self.update_learners()
         log.warning("bootstrapped a new Raft cluster with this node as its first voter (auto voters)")
         self.schedule()
@@ -437,10 +438,10 @@ class Consensus:
         data = encode_command(op, rid, **fields)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        waiter = _Waiter(loop.create_future(), data, now + self.cfg.request_timeout_ms / 1000, now + RETRY_FORWARD_S)
+        waiter = _Waiter(loop.create_future(), data, now + RETRY_FORWARD_S)
         self._writes[rid] = waiter
         try:
-            self._submit(data)
+            self._submit(waiter)
             self.schedule()
             return await asyncio.wait_for(asyncio.shield(waiter.future), self.cfg.request_timeout_ms / 1000)
         except asyncio.TimeoutError:
@@ -448,25 +449,32 @@ class Consensus:
         finally:
             self._writes.pop(rid, None)
 
-    def _submit(self, data: bytes) -> None:
+    def _submit(self, waiter: _Waiter) -> None:
         try:
             if self.raft.role == "leader":
-                self.raft.propose(data)
+                self.raft.propose(waiter.data)
+                waiter.appended_in = self.raft.term
             else:
-                self.raft.forward(data)
+                self.raft.forward(waiter.data)
         except (NotLeader, Refused) as exc:
             raise WriteRefused(_reason(exc)) from None
 
     def _retry_writes(self) -> None:
         """Forwarded writes travel in datagrams that can be lost: hand them on
-        again until applied (the state machine drops the duplicates by request id)."""
+        again until applied (the state machine drops the duplicates by request id).
+        A write we appended as the leader of the current term is in our log:
+        it commits or we lose leadership, so it is never appended twice."""
         now = time.monotonic()
+        leading_in = self.raft.term if self.raft.role == "leader" else None
         for waiter in list(self._writes.values()):
             if waiter.future.done() or now < waiter.next_retry:
                 continue
-            waiter.next_retry = now + RETRY_FORWARD_S
+            if waiter.appended_in is not None and waiter.appended_in == leading_in:
+                continue
+            waiter.retry_every *= 2
+            waiter.next_retry = now + waiter.retry_every
             try:
-                self._submit(waiter.data)
+                self._submit(waiter)
             except WriteRefused:
                 # The first hand-off may already sit in a majority's logs and
                 # commit under the next leader: never answer "refused" for it.
