@@ -5,9 +5,10 @@ One pass of the loop (`_process`, run soon after anything happens, so that
 everything that arrived in one event-loop iteration shares one fsync):
 
     ready = raft.ready()
-    store.save(hard state, new entries)      one write + one fsync (group commit)
-    store.save_snapshot(...) / restore       when the leader sent us a snapshot
-    send ready.messages                       only now: persist before send
+    send the leader's Appends                 they may go before its own fsync
+    store.save(hard state, entries, snapshot) one write + one fsync (group commit)
+    restore a snapshot the leader sent us
+    send the other messages                   only now: persist before send
     apply ready.committed                     results wake the waiting clients
     answer ready.read_states                  ReadIndex reads wait for `applied`
     raft.advance(ready)
@@ -70,6 +71,7 @@ class OutcomeUnknown(Exception):
 class _Waiter:
     future: asyncio.Future
     data: bytes
+    deadline: float  #: monotonic: the tick loop answers OutcomeUnknown after it
     next_retry: float
     retry_every: float = RETRY_FORWARD_S  #: doubles after each hand-off: a busy leader is not a lost datagram
     appended_in: int | None = None  #: the term in which we, as leader, appended it ourselves
@@ -217,12 +219,18 @@ class Consensus:
     def _process(self) -> None:
         while self.raft.has_ready():
             rd = self.raft.ready()
+            # A leader's Appends may leave before its own fsync (Raft thesis 10.2.1):
+            # it counts itself towards a commit only once durable (the core sees to
+            # that), and followers persist before they answer. Every other message
+            # (votes, answers) waits for the disk.
+            appends = [m for m in rd.messages if type(m) is rm.Append]
+            self._send(appends)
             if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
                 # A leader's snapshot goes to disk with the entries after it, in order.
                 self.store.save(rd.hard_state, rd.entries, rd.snapshot)
             if rd.snapshot is not None:
                 self._install_snapshot(*rd.snapshot)
-            self._send(rd.messages)
+            self._send([m for m in rd.messages if type(m) is not rm.Append] if appends else rd.messages)
             for entry in rd.committed:
                 self._apply(entry)
             if rd.committed:
@@ -438,14 +446,13 @@ class Consensus:
         data = encode_command(op, rid, **fields)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        waiter = _Waiter(loop.create_future(), data, now + RETRY_FORWARD_S)
+        waiter = _Waiter(loop.create_future(), data, now + self.cfg.request_timeout_ms / 1000, now + RETRY_FORWARD_S)
         self._writes[rid] = waiter
         try:
             self._submit(waiter)
             self.schedule()
-            return await asyncio.wait_for(asyncio.shield(waiter.future), self.cfg.request_timeout_ms / 1000)
-        except asyncio.TimeoutError:
-            raise OutcomeUnknown(f"not committed within {self.cfg.request_timeout_ms} ms; it may still commit") from None
+            # No timer per write: the tick loop ends overdue waiters (_retry_writes).
+            return await waiter.future
         finally:
             self._writes.pop(rid, None)
 
@@ -467,7 +474,13 @@ class Consensus:
         now = time.monotonic()
         leading_in = self.raft.term if self.raft.role == "leader" else None
         for waiter in list(self._writes.values()):
-            if waiter.future.done() or now < waiter.next_retry:
+            if waiter.future.done():
+                continue
+            if now >= waiter.deadline:
+                waiter.future.set_exception(OutcomeUnknown(
+                    f"not committed within {self.cfg.request_timeout_ms} ms; it may still commit"))
+                continue
+            if now < waiter.next_retry:
                 continue
             if waiter.appended_in is not None and waiter.appended_in == leading_in:
                 continue
