@@ -135,6 +135,7 @@ class Consensus:
             self.store.save(None, entries)
             recovered = Recovered(recovered.hard_state, None, entries)
             log.info("bootstrapped the Raft log with voters %s", ", ".join(self.cfg.voters))
+        self._durable = recovered.hard_state  #: term and vote on disk (see early_appends_ok)
         raft = Raft(self.node_id, self.settings, self.rng, recovered, counters=self.drops)
         raft.applied_to(self.applied)
         return raft
@@ -223,11 +224,13 @@ class Consensus:
             # it counts itself towards a commit only once durable (the core sees to
             # that), and followers persist before they answer. Every other message
             # (votes, answers) waits for the disk.
-            appends = [m for m in rd.messages if type(m) is rm.Append]
+            appends = [m for m in rd.messages if type(m) is rm.Append] if early_appends_ok(rd, self._durable) else []
             self._send(appends)
             if rd.hard_state is not None or rd.entries or rd.snapshot is not None:
                 # A leader's snapshot goes to disk with the entries after it, in order.
                 self.store.save(rd.hard_state, rd.entries, rd.snapshot)
+                if rd.hard_state is not None:
+                    self._durable = rd.hard_state
             if rd.snapshot is not None:
                 self._install_snapshot(*rd.snapshot)
             self._send([m for m in rd.messages if type(m) is not rm.Append] if appends else rd.messages)
@@ -664,6 +667,15 @@ class Consensus:
                 "bytes_per_commit": round(stats.get("bytes_written", 0) / self.commits, 1) if self.commits else None,
             },
         }
+
+
+def early_appends_ok(rd, durable) -> bool:
+    """May this Ready's Appends leave before its fsync? Only when they carry no
+    term or vote that is not on disk yet: a lone voter elects itself and sends
+    its first Appends in one Ready, and if it crashed before the fsync it could
+    lead the same term again with another log (the simulator found this)."""
+    hs = rd.hard_state
+    return hs is None or (hs.term == durable.term and hs.vote == durable.vote)
 
 
 def _pack(encoded: list[bytes], limit: int):

@@ -18,9 +18,10 @@ The driver step (`_process`), after every tick and every delivered message,
 as in `agent.consensus.Consensus._process`:
 
     rd = core.ready()
+    send the leader's Appends                              before its own fsync (thesis 10.2.1)
     disk.write(rd.hard_state, rd.entries, rd.snapshot)     unsynced
     disk.sync()                                            durable from here
-    send rd.messages                                       persist before send
+    send the other messages                                persist before send
     restore the state machine from rd.snapshot; apply rd.committed; applied_to
     answer rd.read_states
     core.advance(rd)
@@ -63,6 +64,8 @@ from dataclasses import dataclass, field, fields
 import cbor2
 
 from agent.core import raft_messages as rm
+from agent.consensus import early_appends_ok
+from agent.core.raft_messages import Append
 from agent.core.raft import HardState, NotLeader, Raft, RaftSettings, Recovered, Refused
 from agent.sim.raft_checks import ROOT, Checker, LogView, chain_next
 
@@ -878,6 +881,12 @@ class RaftCluster:
             elif point == "before_apply" and not (rd.committed or rd.snapshot is not None):
                 point = None
         disk = sn.disk
+        # As the driver does: a leader's Appends leave before its own fsync
+        # (Raft thesis 10.2.1); a crash before the sync then loses entries that
+        # followers may already hold.
+        early = [m for m in rd.messages if type(m) is Append] if early_appends_ok(rd, disk.hs) else []
+        for m in early:
+            self._send(sn, m)
         disk.write(rd.hard_state, rd.entries, rd.snapshot)
         if point == "before_sync":
             self._crash_now(sn, "before the sync")
@@ -907,7 +916,8 @@ class RaftCluster:
             self._crash_now(sn, "after the sync, before sending")
             return
         for m in rd.messages:
-            self._send(sn, m)
+            if not early or type(m) is not Append:
+                self._send(sn, m)
         if point == "before_apply":
             self._crash_now(sn, "after sending, before applying")
             return
