@@ -83,10 +83,10 @@ def test_random_faults_five_voters_default_settings(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", range(30))
+@pytest.mark.parametrize("block", range(12))
 def test_random_faults_many_seeds(block):
-    """3000 more seeds (100 per test, without the per-message codec round trip,
-    which the normal runs do): about 2 minutes."""
+    """1200 more seeds (100 per test, without the per-message codec round trip,
+    which the normal runs do): about 50 s. MESHAGENT_SIM_SCALE=10 runs 12,000."""
     failures = []
     for seed in seeds(100, base=100_000 + 100 * block):
         rep = run_raft("random", seed, codec=False)
