@@ -112,6 +112,7 @@ class Consensus:
         self._fetching: set[int] = set()
         self._tasks: list[asyncio.Task] = []
         self._last_leader: tuple[str | None, int] = (None, 0)
+        self._heard_raft = False  #: a Raft message from a peer arrived (see _bootstrap_auto)
         self.raft = self._open()
         self.listeners: list = []  #: callables told of state-machine events (CoAP Observe)
         endpoint.add_channel(RAFT_PATH, self.on_datagram, rt="meshagent.raft")
@@ -143,13 +144,22 @@ class Consensus:
     def _bootstrap_auto(self) -> None:
         """Auto voters and nothing on disk: if the mesh picks us, start a one-voter
         cluster; the leader then adds voters one at a time."""
-        if self.cfg.voters != "auto" or self.raft.last_index > 0 or self.raft.leader is not None:
+        if self.cfg.voters != "auto" or self.raft.last_index > 0 or self.raft.leader is not None or self._heard_raft:
+            return
+        # Two nodes that both bootstrap write different entries at index 1 of
+        # term 1, and Raft can never reconcile them. So: only when the whole view
+        # has been quiet (every alive member known and healthy for the
+        # stabilization period, no suspect) and we rank first in all of it. A node
+        # that has just joined sees itself "stable" before it has heard of the
+        # others; the quiet-view rule keeps it from picking itself.
+        now = self._now_ms()
+        view = {n: MemberView(v.alive, v.suspect, v.since_ms, 0.0, v.eligible) for n, v in self._view().items()}
+        alive = [v for v in view.values() if v.alive]
+        if any(v.suspect or now - v.since_ms < self.autopilot.settings.stabilization_ms for v in alive):
             return
         # Headroom from gossiped load moves from moment to moment; every node must
         # pick the same first voter, so the choice here ranks by node id alone.
-        view = {n: MemberView(v.alive, v.suspect, v.since_ms, 0.0, v.eligible) for n, v in self._view().items()}
-        choice = bootstrap_choice(view, self._now_ms(), self.autopilot.settings)
-        if choice != self.node_id:
+        if bootstrap_choice(view, now, self.autopilot.settings) != self.node_id:
             return
         entries = Raft.bootstrap_entries([self.node_id])
         self.store.save(None, entries)
@@ -379,6 +389,7 @@ class Consensus:
             if msg.frm != sender or msg.to != self.node_id:
                 self.drops.inc("raft_misaddressed")
                 continue
+            self._heard_raft = True  # a cluster exists: never bootstrap another
             self._step(msg)
         self.schedule()
 
