@@ -78,7 +78,8 @@ class ConsensusConfig:
     enabled: bool = True
     voters: str | tuple[str, ...] = "auto"
     tick_ms: int = 100
-    heartbeat_ticks: int = 1
+    heartbeat_ticks: int = 2
+    learner_heartbeat_ticks: int = 20
     election_ticks: int = 8
     snapshot_entries: int = 10_000
     keep_entries: int = 1000
@@ -412,7 +413,8 @@ _OWN_FIELDS: dict[str, Field] = {
     "consensus.enabled": Field("", _boolean(), "take part in the Raft-replicated state (key-value store, proposals); off = membership only"),
     "consensus.voters": Field("", _voters(), '"auto": the mesh keeps 3 or 5 voters chosen from healthy members; or the node ids of the voters, the same list on every node'),
     "consensus.tick_ms": Field("ms", _integer(10, 1000), "resolution of the Raft clock; heartbeats and election timeouts are counted in these ticks"),
-    "consensus.heartbeat_ticks": Field("ticks", _integer(1, 100), "leader heartbeat period"),
+    "consensus.heartbeat_ticks": Field("ticks", _integer(1, 100), "leader heartbeat period to voters (4 or more per election timeout; default 200 ms)"),
+    "consensus.learner_heartbeat_ticks": Field("ticks", _integer(1, 1000), "leader heartbeat period to non-voting members; a learner takes the leader for gone after max(election_ticks, this + 1) ticks (default 2 s: at 20 members most of the leader's idle traffic goes to learners)"),
     "consensus.election_ticks": Field("ticks", _integer(3, 1000), "a follower that has not heard a leader for a random time in [E, 2E) ticks campaigns (default 0.8-1.6 s)"),
     "consensus.snapshot_entries": Field("entries", _integer(100, 10_000_000), "snapshot the state and compact the log after this many applied entries"),
     "consensus.keep_entries": Field("entries", _integer(0, 1_000_000), "entries kept behind a snapshot so a briefly lagging follower needs no snapshot"),
@@ -627,6 +629,9 @@ def _cross_check(config: Config, sources: Mapping[str, str]) -> None:
     budget = config.board.budgets.max_members
     if config.membership.max_members > budget:
         problems.append(("membership.max_members", config.membership.max_members, f"at most {budget}, the budget of board {config.board.name}"))
+    c = config.consensus
+    if c.heartbeat_ticks >= c.election_ticks:
+        problems.append(("consensus.heartbeat_ticks", c.heartbeat_ticks, f"less than consensus.election_ticks ({c.election_ticks})"))
     if config.load.meta_refresh_ms < config.load.sample_interval_ms:
         problems.append(("load.meta_refresh_ms", config.load.meta_refresh_ms, f"at least load.sample_interval_ms ({config.load.sample_interval_ms})"))
     if problems:

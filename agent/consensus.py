@@ -93,6 +93,7 @@ class Consensus:
         self.sm = StateMachine()
         self.settings = RaftSettings(
             tick_ms=self.cfg.tick_ms, heartbeat_ticks=self.cfg.heartbeat_ticks, election_ticks=self.cfg.election_ticks,
+            learner_heartbeat_ticks=self.cfg.learner_heartbeat_ticks,
         )
         self.rng = random.Random()
         self.sealer = Sealer(config.node.mesh, keys, node_id, boot, max_packet=RAFT_MAX_PACKET, purpose="raft")

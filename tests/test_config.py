@@ -285,3 +285,9 @@ def test_consensus_voters_refused(tmp_path, text, why):
     with pytest.raises(ConfigError) as e:
         load(tmp_path, f"[consensus]\n{text}\n")
     assert "consensus.voters" in str(e.value) and why in str(e.value)
+
+
+def test_consensus_heartbeat_must_be_shorter_than_the_election_timeout(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load(tmp_path, "[consensus]\nheartbeat_ticks = 8\nelection_ticks = 8\n")
+    assert "consensus.heartbeat_ticks" in str(e.value) and "less than consensus.election_ticks (8)" in str(e.value)
