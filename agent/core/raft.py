@@ -59,7 +59,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from agent.core.raft_log import RaftLog
 from agent.core.raft_messages import (
@@ -85,6 +85,7 @@ from agent.core.raft_messages import (
     VoteResp,
 )
 from agent.core.raft_progress import PROBE, REPLICATE, SNAPSHOT, Progress
+from agent.core.settings import range_problems
 from agent.counters import Counters
 from agent.messages import BadMessage, check_node_id
 
@@ -118,15 +119,7 @@ class RaftSettings:
 
     def problems(self) -> list[tuple[str, object, str]]:
         """(field, value, what is allowed) for every out-of-range or inconsistent field."""
-        out = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            unit, lo, hi, _ = FIELD_DOCS[f.name]
-            if unit == "bool":
-                if not isinstance(v, bool):
-                    out.append((f.name, v, "true or false"))
-            elif not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                out.append((f.name, v, f"an integer from {lo} to {hi} ({unit})"))
+        out = range_problems(self, FIELD_DOCS)
         if not out:
             if self.heartbeat_ticks >= self.election_ticks:
                 out.append(("heartbeat_ticks", self.heartbeat_ticks, f"less than election_ticks ({self.election_ticks})"))

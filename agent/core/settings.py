@@ -33,6 +33,22 @@ FIELD_DOCS: dict[str, tuple[str, int, int, str]] = {
 }
 
 
+def range_problems(obj, docs: dict[str, tuple[str, int, int, str]]) -> list[tuple[str, object, str]]:
+    """(field, value, what is allowed) for each dataclass field of `obj` outside
+    the range its docs entry (unit, min, max, meaning) gives; unit "bool" means
+    true or false. Shared by every core's settings."""
+    out = []
+    for f in fields(obj):
+        v = getattr(obj, f.name)
+        unit, lo, hi, _ = docs[f.name]
+        if unit == "bool":
+            if not isinstance(v, bool):
+                out.append((f.name, v, "true or false"))
+        elif not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+            out.append((f.name, v, f"an integer from {lo} to {hi} ({unit})"))
+    return out
+
+
 @dataclass(frozen=True)
 class MembershipSettings:
     tick_ms: int = 50
@@ -56,12 +72,7 @@ class MembershipSettings:
 
     def problems(self) -> list[tuple[str, object, str]]:
         """(field, value, what is allowed) for every out-of-range or inconsistent field."""
-        out = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            unit, lo, hi, _ = FIELD_DOCS[f.name]
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                out.append((f.name, v, f"an integer from {lo} to {hi} ({unit})"))
+        out = range_problems(self, FIELD_DOCS)
         if not out:
             if self.probe_timeout_ms >= self.probe_interval_ms:
                 out.append(("probe_timeout_ms", self.probe_timeout_ms, f"less than probe_interval_ms ({self.probe_interval_ms})"))

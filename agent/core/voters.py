@@ -77,9 +77,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from agent.core.raft_messages import ConfChange
+from agent.core.settings import range_problems
 
 MAX_VOTERS = 5  #: never more voters than this (Raft's sweet spot for a LAN fleet: tolerates 2 failures)
 
@@ -99,12 +100,7 @@ class VoterSettings:
 
     def problems(self) -> list[tuple[str, object, str]]:
         """(field, value, what is allowed) for every out-of-range or inconsistent field."""
-        out = []
-        for f in fields(self):
-            v = getattr(self, f.name)
-            unit, lo, hi, _ = FIELD_DOCS[f.name]
-            if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-                out.append((f.name, v, f"an integer from {lo} to {hi} ({unit})"))
+        out = range_problems(self, FIELD_DOCS)
         if not out and self.dead_voter_ms < self.stabilization_ms:
             # Otherwise a voter that merely rebooted is replaced before it could
             # even have been promoted again: churn for nothing.
