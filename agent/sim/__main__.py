@@ -15,35 +15,8 @@ import sys
 import time
 
 from agent.core.settings import FIELD_DOCS, PROFILES, profile
-from agent.sim.cluster import SCENARIOS, Params, run_scenario
-
-
-def _delay(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    try:
-        d = (int(lo), int(hi or lo))
-    except ValueError:
-        raise argparse.ArgumentTypeError("delay is LO:HI ticks, e.g. 0:2") from None
-    if not 0 <= d[0] <= d[1]:
-        raise argparse.ArgumentTypeError("delay needs 0 <= LO <= HI")
-    return d
-
-
-def _loss(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError("loss is a probability in [0, 1]")
-    return v
-
-
-def _override(text: str) -> tuple[str, int]:
-    name, eq, value = text.partition("=")
-    if not eq or name not in FIELD_DOCS:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {', '.join(FIELD_DOCS)}")
-    try:
-        return name, int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} takes an integer") from None
+from agent.sim import args
+from agent.sim.cluster import SCENARIOS, run_scenario
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,17 +25,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", default="crash", choices=sorted(SCENARIOS))
     ap.add_argument("--seed", type=int, default=0, help="root seed (decides everything not given)")
     ap.add_argument("--nodes", type=int, help="mesh size")
-    ap.add_argument("--loss", type=_loss, help="per-packet loss probability, e.g. 0.1")
+    ap.add_argument("--loss", type=args.probability, help="per-packet loss probability, e.g. 0.1")
     ap.add_argument("--seeds", type=int, choices=(1, 2, 3), help="seed nodes the others join through")
     ap.add_argument("--faults", type=int, help="nodes crashed / leaving / restarted")
     ap.add_argument("--periods", type=int, help="length of the timed phase (lossy, idle), in probe periods")
-    ap.add_argument("--delay", type=_delay, default=(0, 2), help="one-way delay LO:HI in ticks (default 0:2)")
+    ap.add_argument("--delay", type=args.delay, default=(0, 2), help="one-way delay LO:HI in ticks (default 0:2)")
     codec = ap.add_mutually_exclusive_group()
     codec.add_argument("--codec", dest="codec", action="store_true", default=None,
                        help="send every packet through agent.wire (default up to 100 nodes)")
     codec.add_argument("--no-codec", dest="codec", action="store_false")
     ap.add_argument("--profile", default="lan", choices=sorted(PROFILES))
-    ap.add_argument("--set", dest="overrides", action="append", type=_override, default=[], metavar="FIELD=VALUE",
+    ap.add_argument("--set", dest="overrides", action="append", type=args.override(FIELD_DOCS), default=[], metavar="FIELD=VALUE",
                     help="replace one settings field of the profile, e.g. suspicion_mult=2 (repeatable)")
     start = ap.add_mutually_exclusive_group()
     start.add_argument("--warm", dest="warm", action="store_true", default=None,

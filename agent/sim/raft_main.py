@@ -19,37 +19,10 @@ import time
 from dataclasses import fields
 
 from agent.core.raft import RaftSettings
+from agent.sim import args
 from agent.sim.raft_cluster import PROFILES, SCENARIOS, election_benchmark, make_settings, run_raft
 
 _SETTINGS = {f.name for f in fields(RaftSettings)}
-
-
-def _delay(text: str) -> tuple[int, int]:
-    lo, _, hi = text.partition(":")
-    try:
-        d = (int(lo), int(hi or lo))
-    except ValueError:
-        raise argparse.ArgumentTypeError("delay is LO:HI ticks, e.g. 0:2") from None
-    if not 0 <= d[0] <= d[1]:
-        raise argparse.ArgumentTypeError("delay needs 0 <= LO <= HI")
-    return d
-
-
-def _prob(text: str) -> float:
-    v = float(text)
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError("a probability in [0, 1]")
-    return v
-
-
-def _override(text: str) -> tuple[str, int]:
-    name, eq, value = text.partition("=")
-    if not eq or name not in _SETTINGS:
-        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE with FIELD one of {', '.join(sorted(_SETTINGS))}")
-    try:
-        return name, int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{name} takes an integer") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,15 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nodes", type=int, choices=range(1, 8), help="voters at the start (1-7)")
     ap.add_argument("--learners", type=int, choices=range(0, 5), help="non-voting members at the start")
     ap.add_argument("--steps", type=int, help="ticks of the faulty phase")
-    ap.add_argument("--loss", type=_prob, help="per-message loss probability")
-    ap.add_argument("--dup", type=_prob, help="per-message duplication probability")
-    ap.add_argument("--delay", type=_delay, help="one-way delay LO:HI ticks")
+    ap.add_argument("--loss", type=args.probability, help="per-message loss probability")
+    ap.add_argument("--dup", type=args.probability, help="per-message duplication probability")
+    ap.add_argument("--delay", type=args.delay, help="one-way delay LO:HI ticks")
     ap.add_argument("--chaos", type=float, help="rate multiplier of faults and client actions (0.5-2 drawn)")
     ap.add_argument("--profile", type=int, choices=range(len(PROFILES)),
                     help="settings profile: " + "; ".join(f"{i}: {p or 'defaults'}" for i, p in enumerate(PROFILES)))
     ap.add_argument("--no-codec", dest="codec", action="store_false",
                     help="skip the to_wire/CBOR/decode round trip of every message (faster)")
-    ap.add_argument("--set", dest="overrides", action="append", type=_override, default=[], metavar="FIELD=VALUE",
+    ap.add_argument("--set", dest="overrides", action="append", type=args.override(_SETTINGS), default=[], metavar="FIELD=VALUE",
                     help="replace one RaftSettings field, e.g. election_ticks=10 (repeatable)")
     ap.add_argument("--trace", action="store_true", help="print the event log")
     ap.add_argument("--bench-election", type=int, metavar="SEEDS",
