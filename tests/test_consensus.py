@@ -3,7 +3,6 @@ elect a leader, replicate writes, survive restarts, refuse writes without a
 quorum, pick voters by themselves, and catch a lagging node up by snapshot."""
 
 import asyncio
-import os
 
 import cbor2
 import pytest
@@ -210,7 +209,7 @@ def test_hostile_raft_datagrams_are_dropped_and_counted(tmp_path):
         target = agents[0]
         before = dict(target.drops.snapshot())
         send = agents[1].endpoint.send
-        send("127.0.0.61", PORT, os.urandom(300), RAFT_PATH)
+        send("127.0.0.61", PORT, b"garbage" * 40, RAFT_PATH)  # not CBOR at all: "malformed"
         send("127.0.0.61", PORT, other_fleet.seal(b"\x80"), RAFT_PATH)
         send("127.0.0.61", PORT, ours.seal(cbor2.dumps([[99, "n9", "n1", 5]])), RAFT_PATH)  # unknown message code
         send("127.0.0.61", PORT, ours.seal(cbor2.dumps([[0, "n3", "n1", 5, 0, 0, False]])), RAFT_PATH)  # claims another sender
