@@ -114,6 +114,7 @@ class Consensus:
         self._tasks: list[asyncio.Task] = []
         self._last_leader: tuple[str | None, int] = (None, 0)
         self._heard_raft = False  #: a Raft message from a peer arrived (see _bootstrap_auto)
+        self._voter_addresses: dict | None = None  #: what raft/voters.cbor holds (see recover)
         self.raft = self._open()
         self.listeners: list = []  #: callables told of state-machine events (CoAP Observe)
         endpoint.add_channel(RAFT_PATH, self.on_datagram, rt="meshagent.raft")
@@ -643,15 +644,13 @@ class Consensus:
         """Keep the voters' last addresses in the data dir: `meshagent recover`
         (run while the agent is stopped) asks them whether a quorum is alive."""
         known = {v: list(a) for v in self.raft.voters if (a := self._address(v)) is not None}
+        if known == self._voter_addresses:
+            return  # written already: an SD card is written only on a change
         path = self.dir / "voters.cbor"
-        try:
-            if path.exists() and cbor2.loads(path.read_bytes()) == known:
-                return
-        except (OSError, ValueError, cbor2.CBORDecodeError):
-            pass
         tmp = path.with_suffix(".tmp")
         tmp.write_bytes(cbor2.dumps(known))
         os.replace(tmp, path)
+        self._voter_addresses = known
 
     # ------------------------------------------------------------------ views
 
