@@ -11,7 +11,6 @@ status 1 if a property was violated. `--trace` prints every status change
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from agent.core.settings import FIELD_DOCS, PROFILES, profile
@@ -63,14 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         names = {0: "alive", 1: "suspect", 2: "dead", 3: "left", None: "-"}
         for tick, obs, node, old, new, inc in rep.cluster.trace:
             print(f"{tick:7d} {obs} {node} {names[old]}->{names[new]} {inc}")
-    print(rep.summary())
-    print(f"wall time {wall:.2f} s")
-    return 1 if rep.violations else 0
+    return args.finish(rep, wall)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # `... --trace | head`
-        sys.stderr.close()
-        sys.exit(1)
+    args.run(main)

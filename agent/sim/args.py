@@ -40,3 +40,21 @@ def override(names: Iterable[str]) -> Callable[[str], tuple[str, int]]:
             raise argparse.ArgumentTypeError(f"{name} takes an integer") from None
 
     return convert
+
+
+def finish(rep, wall: float) -> int:
+    """Print a run's summary and wall time; the exit status (1 on a violation)."""
+    print(rep.summary())
+    print(f"wall time {wall:.2f} s")
+    return 1 if rep.violations else 0
+
+
+def run(main: Callable[[], int]) -> None:
+    """Exit with main()'s status; a closed pipe (`... --trace | head`) is no error worth a traceback."""
+    import sys
+
+    try:
+        sys.exit(main())
+    except BrokenPipeError:
+        sys.stderr.close()
+        sys.exit(1)

@@ -14,7 +14,6 @@ scenarios.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import fields
 
@@ -79,14 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.trace and rep.cluster is not None and rep.cluster.trace is not None:
         for line in rep.cluster.trace:
             print(line)
-    print(rep.summary())
-    print(f"wall time {wall:.2f} s")
-    return 1 if rep.violations else 0
+    return args.finish(rep, wall)
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BrokenPipeError:  # `... --trace | head`
-        sys.stderr.close()
-        sys.exit(1)
+    args.run(main)
