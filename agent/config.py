@@ -20,6 +20,7 @@ import ipaddress
 import json
 import os
 import re
+import shlex
 import sys
 import tomllib
 from collections.abc import Callable, Iterable, Mapping
@@ -29,6 +30,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from agent.core.settings import FIELD_DOCS, PROFILES, MembershipSettings
+from agent.core.taskspec import KIND_RE, STRATEGIES
 from agent.identity import NODE_ID_RULE
 from agent.messages import BadMessage, check_node_id
 
@@ -37,6 +39,8 @@ MODEL_PATH = Path("/proc/device-tree/model")
 DEFAULT_PORT = 5683
 DEFAULT_PROFILE = "lan"
 GENERIC_BOARD = "generic"
+BUILTIN_HANDLERS = ("echo", "sleep", "sysinfo")  #: run in-process by agent.io.runner; reserved names
+MAX_HANDLERS = 32
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,7 @@ class LoadConfig:
     smoothing: float = 0.3
     meta_refresh_ms: int = 10_000
     change_threshold_pct: float = 5.0
+    cpu_scope: str = "host"
 
 
 @dataclass(frozen=True)
@@ -93,6 +98,42 @@ class ConsensusConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+
+
+@dataclass(frozen=True)
+class TasksConfig:
+    enabled: bool = True
+    slots: int = 0
+    strategy: str = "capability"
+    replicas: int = 3
+    vnodes: int = 64
+    match_threshold: float = 0.7
+    bid_weights: tuple[float, ...] = (0.4, 0.3, 0.2, 0.1)
+    bid_timeout_ms: int = 300
+    bid_rounds: int = 3
+    steal: bool = True
+    steal_interval_ms: int = 500
+    overload: float = 0.8
+    idle: float = 0.3
+    overload_samples: int = 3
+    min_stay_ms: int = 10_000
+    check_ms: int = 2000
+    resend_ms: int = 1000
+    keep_results: int = 5000
+    max_queue: int = 10_000
+    request_timeout_ms: int = 2000
+
+
+@dataclass(frozen=True)
+class HandlerConfig:
+    """A task kind this node runs as a program: [handlers.NAME] in the file."""
+
+    name: str
+    command: tuple[str, ...]  #: argv; never a shell string
+    env: tuple[tuple[str, str], ...] = ()
+    cwd: str = ""  #: "" = the data dir
+    timeout_s: int = 300
+    concurrency: int = 1
 
 
 @dataclass(frozen=True)
@@ -125,6 +166,8 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    tasks: TasksConfig = field(default_factory=TasksConfig)
+    handlers: tuple[HandlerConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -324,6 +367,73 @@ def _strings(item: Rule, most: int) -> Rule:
     return Rule("list of strings", f"at most {most} distinct entries, each {item.allowed}", convert)
 
 
+def _weights(count: int) -> Rule:
+    """`count` weights that share one whole: stored as a tuple of floats."""
+
+    def convert(v: object) -> tuple[float, ...]:
+        if not isinstance(v, list | tuple) or len(v) != count:
+            raise _Invalid()
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, int | float) or not 0 <= x <= 1:
+                raise _Invalid(part=x)
+        if abs(sum(v) - 1) > 0.001:
+            raise _Invalid(f"they sum to {sum(v):g}")
+        return tuple(float(x) for x in v)
+
+    return Rule("list of floats", f"{count} numbers from 0 to 1 that sum to 1 (±0.001)", convert)
+
+
+def _argv() -> Rule:
+    """The program and its arguments, run without a shell, so a task's
+    arguments can never be read as shell syntax."""
+
+    def convert(v: object) -> tuple[str, ...]:
+        if isinstance(v, str):
+            try:
+                words = shlex.split(v)
+            except ValueError:
+                words = []
+            raise _Invalid(f"write it as {_show(words)}" if words else "")
+        if not isinstance(v, list | tuple) or not 1 <= len(v) <= 64:
+            raise _Invalid()
+        for x in v:
+            if not isinstance(x, str) or "\0" in x:
+                raise _Invalid(part=x)
+        if not v[0]:
+            raise _Invalid("the program is empty", part=v[0])
+        return tuple(v)
+
+    return Rule("list of strings", "a list of strings (argv), never a shell string: the program, then up to 63 arguments", convert)
+
+
+_ENV_NAME = re.compile(r"[A-Z_][A-Z0-9_]{0,63}")
+
+
+def _env() -> Rule:
+    """Variables added to the handler's environment, in table order."""
+
+    def convert(v: object) -> tuple[tuple[str, str], ...]:
+        if not isinstance(v, dict) or len(v) > 32:
+            raise _Invalid()
+        for name, value in v.items():
+            if not _ENV_NAME.fullmatch(name):
+                raise _Invalid("a bad variable name", part=name)
+            if not isinstance(value, str) or len(value) > 1024 or "\0" in value:
+                raise _Invalid(f"the value of {name}", part=value)
+        return tuple(v.items())
+
+    return Rule("table", "a table of at most 32 NAME = \"value\", NAME matching [A-Z_][A-Z0-9_]{0,63}, each value a string of at most 1024 characters", convert)
+
+
+def _cwd() -> Rule:
+    def convert(v: object) -> str:
+        if not isinstance(v, str) or "\0" in v or (v and not os.path.isabs(v)):
+            raise _Invalid()
+        return v
+
+    return Rule("path", "empty (the data dir), or an absolute path", convert)
+
+
 _DNS_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 
@@ -388,6 +498,7 @@ _SECTIONS: dict[str, type] = {
     "api": ApiConfig,
     "consensus": ConsensusConfig,
     "log": LogConfig,
+    "tasks": TasksConfig,
 }
 
 _OWN_FIELDS: dict[str, Field] = {
@@ -409,6 +520,7 @@ _OWN_FIELDS: dict[str, Field] = {
     "load.smoothing": Field("weight", _number(0, 1, above_lo=True), "EWMA weight of the newest sample (1 = no smoothing)"),
     "load.meta_refresh_ms": Field("ms", _integer(1000, 3_600_000), "longest time between load updates in gossip"),
     "load.change_threshold_pct": Field("percentage points", _number(0, 100), "a CPU or memory change beyond this is gossiped at once, but not more often than every sample"),
+    "load.cpu_scope": Field("", _choice(("host", "tree")), "what counts as this node's CPU load: the whole host, or only this agent and the handlers it started (for labs and tests where several agents share one host; then percent of one core)"),
     "api.public_read": Field("", _boolean(), "serve /status, /peers and /.well-known/core to CoAP GETs without the fleet key"),
     "consensus.enabled": Field("", _boolean(), "take part in the Raft-replicated state (key-value store, proposals); off = membership only"),
     "consensus.voters": Field("", _voters(), '"auto": the mesh keeps 3 or 5 voters chosen from healthy members; or the node ids of the voters, the same list on every node'),
@@ -424,6 +536,36 @@ _OWN_FIELDS: dict[str, Field] = {
     "consensus.proposal_deadline_s": Field("s", _integer(0, 30 * 86_400), "deadline of a proposal submitted without --deadline (0 = none)"),
     "consensus.request_timeout_ms": Field("ms", _integer(100, 600_000), "a write not committed within this time is answered \"outcome unknown\" (it may still commit)"),
     "log.level": Field("", _choice(("debug", "info", "warning", "error")), "least severe log message written"),
+    "tasks.enabled": Field("", _boolean(), "run tasks on this node and take part in placing them"),
+    "tasks.slots": Field("tasks", _integer(0, 256), "tasks run at once on this node; 0 = the CPU count"),
+    "tasks.strategy": Field("", _choice(STRATEGIES), "placement for a task submitted without --strategy"),
+    "tasks.replicas": Field("members", _integer(1, 7), "home members that keep each task's record and result (R)"),
+    "tasks.vnodes": Field("points", _integer(1, 1024), "virtual nodes per member on the hash ring"),
+    "tasks.match_threshold": Field("fraction", _number(0, 1), "members matching less of a task's required capabilities are not considered"),
+    "tasks.bid_weights": Field("", _weights(4), "weights of an auction bid's capability match, load, past performance and free resources"),
+    "tasks.bid_timeout_ms": Field("ms", _integer(10, 60_000), "an auction closes when every bidder answered or after this"),
+    "tasks.bid_rounds": Field("rounds", _integer(1, 10), 'auction rounds without a bid before the task fails "no bid"'),
+    "tasks.steal": Field("", _boolean(), "idle nodes take queued tasks from backlogged peers"),
+    "tasks.steal_interval_ms": Field("ms", _integer(50, 600_000), "how often an idle node looks for a backlogged peer to steal from"),
+    "tasks.overload": Field("fraction of CPU", _number(0, 1), "above this for overload_samples load samples, queued tasks migrate away"),
+    "tasks.idle": Field("fraction of CPU", _number(0, 1), "only members below this receive migrated tasks or steal"),
+    "tasks.overload_samples": Field("samples", _integer(1, 100), "consecutive load samples above overload before tasks migrate"),
+    "tasks.min_stay_ms": Field("ms", _integer(0, 3_600_000), "a task that moved is not moved again before this (hysteresis)"),
+    "tasks.check_ms": Field("ms", _integer(100, 600_000), "a coordinator asks each executor this often whether its tasks are still there"),
+    "tasks.resend_ms": Field("ms", _integer(50, 600_000), "unacknowledged records and results are resent this often"),
+    "tasks.keep_results": Field("records", _integer(10, 1_000_000), "finished task records kept per node (oldest dropped first)"),
+    "tasks.max_queue": Field("tasks", _integer(1, 1_000_000), "queued tasks this node accepts; beyond, placements to it are refused"),
+    "tasks.request_timeout_ms": Field("ms", _integer(100, 600_000), "a submit, query or cancel not answered within this fails with a clear error"),
+}
+
+#: The fields of a [handlers.NAME] table; `command` is required, the rest have
+#: the defaults of HandlerConfig.
+HANDLER_FIELDS: dict[str, Field] = {
+    "command": Field("", _argv(), "the program and its arguments, run without a shell"),
+    "env": Field("", _env(), "environment variables set for the handler"),
+    "cwd": Field("", _cwd(), "working directory of the handler"),
+    "timeout_s": Field("s", _integer(1, 86_400), "run time limit: a run still going after this is killed with its whole process tree; a task's own timeout_s replaces it"),
+    "concurrency": Field("tasks", _integer(1, 64), "runs of this handler at once on this node (within tasks.slots)"),
 }
 
 
@@ -515,18 +657,59 @@ def _parse(text: str, source: str) -> dict[str, object]:
         raise ConfigError("file", None, "valid TOML", source, f"not valid TOML: {e}") from None
 
 
-def _read_file(path: Path, explicit: bool) -> dict[str, object]:
-    """The file's checked values; none when the default file is absent (defaults are enough)."""
+_HANDLER_NAME = f"a handler name: 1-32 of a-z 0-9 _ . -, other than the built-ins {', '.join(BUILTIN_HANDLERS)}"
+#: Lets a misplaced handler key or a [handler.NAME] typo get a did-you-mean.
+_HANDLER_HINTS = {f"handlers.NAME.{name}": f for name, f in HANDLER_FIELDS.items()}
+
+
+def _read_handler(name: str, table: object, source: str) -> tuple[HandlerConfig, list[str]]:
+    """One [handlers.NAME] table, checked: the handler and the dotted keys the table set."""
+    prefix = f"handlers.{name}"
+    if not KIND_RE.fullmatch(name):
+        raise ConfigError(prefix, name, _HANDLER_NAME, source)
+    if name in BUILTIN_HANDLERS:
+        raise ConfigError(prefix, name, _HANDLER_NAME, source, f"reserved: {name} is a built-in handler; choose another name")
+    if not isinstance(table, dict):
+        raise ConfigError(prefix, table, f"a table [{prefix}] with " + ", ".join(HANDLER_FIELDS), source)
+    values = _read_table(table, source, {f"{prefix}.{k}": f for k, f in HANDLER_FIELDS.items()}, prefix + ".")
+    if f"{prefix}.command" not in values:
+        raise ConfigError(f"{prefix}.command", None, HANDLER_FIELDS["command"].rule.allowed, source, "missing: every handler needs a command")
+    return HandlerConfig(name, **{k[len(prefix) + 1:]: v for k, v in values.items()}), list(values)
+
+
+def _read_handlers(tables: object, source: str) -> tuple[tuple[HandlerConfig, ...], dict[str, str]]:
+    """All [handlers.NAME] tables and the source of each of their keys (unset ones: "default")."""
+    if not isinstance(tables, dict):
+        raise ConfigError("handlers", tables, "tables [handlers.NAME]", source)
+    if len(tables) > MAX_HANDLERS:
+        raise ConfigError("handlers", None, f"at most {MAX_HANDLERS} handlers", source, f"{len(tables)} handlers, at most {MAX_HANDLERS} allowed")
+    handlers, sources = [], {}
+    for name, table in tables.items():
+        handler, given = _read_handler(name, table, source)
+        handlers.append(handler)
+        sources |= {key: source if key in given else "default" for key in _handler_keys(handler)}
+    return tuple(handlers), sources
+
+
+def _handler_keys(h: HandlerConfig) -> list[str]:
+    return [f"handlers.{h.name}.{name}" for name in HANDLER_FIELDS]
+
+
+def _read_file(path: Path, explicit: bool) -> tuple[dict[str, object], tuple[tuple[HandlerConfig, ...], dict[str, str]]]:
+    """The file's checked values, and its handlers with their keys' sources;
+    none when the default file is absent (defaults are enough)."""
     source = f"file:{path}"
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         if explicit:
             raise ConfigError("file", str(path), "an existing file", "flag", "no such file") from None
-        return {}
+        return {}, ((), {})
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError("file", str(path), "a readable UTF-8 file", source, f"cannot read it: {e}") from None
-    return _read_table(_parse(text, source), source, FIELDS)
+    doc = _parse(text, source)
+    handlers = _read_handlers(doc.pop("handlers", {}), source)
+    return _read_table(doc, source, FIELDS | _HANDLER_HINTS), handlers
 
 
 # ---------------------------------------------------------------------------
@@ -615,12 +798,12 @@ def _fill_from_preset(values: dict[str, object], sources: dict[str, str]) -> Non
             values[key], sources[key] = getattr(PROFILES[name], f.name), f"profile:{name}"
 
 
-def _build(values: Mapping[str, object], board: BoardProfile) -> Config:
+def _build(values: Mapping[str, object], board: BoardProfile, handlers: tuple[HandlerConfig, ...]) -> Config:
     def section(name: str, cls: type):
         return cls(**{f.name: values[f"{name}.{f.name}"] for f in fields(cls)})
 
     sections = {name: section(name, cls) for name, cls in _SECTIONS.items()}
-    return Config(board=board, membership_profile=values["membership.profile"], **sections)
+    return Config(board=board, membership_profile=values["membership.profile"], handlers=handlers, **sections)
 
 
 def _cross_check(config: Config, sources: Mapping[str, str]) -> None:
@@ -634,6 +817,8 @@ def _cross_check(config: Config, sources: Mapping[str, str]) -> None:
         problems.append(("consensus.heartbeat_ticks", c.heartbeat_ticks, f"less than consensus.election_ticks ({c.election_ticks})"))
     if config.load.meta_refresh_ms < config.load.sample_interval_ms:
         problems.append(("load.meta_refresh_ms", config.load.meta_refresh_ms, f"at least load.sample_interval_ms ({config.load.sample_interval_ms})"))
+    if config.tasks.idle >= config.tasks.overload:
+        problems.append(("tasks.idle", config.tasks.idle, f"less than tasks.overload ({config.tasks.overload})"))
     if problems:
         key, value, allowed = problems[0]
         raise ConfigError(key, value, allowed, sources[key])
@@ -657,9 +842,10 @@ def load_config(
     sources = dict.fromkeys(values, "default")
     profile, overrides, chosen = _select_board(board, model_path)
     path = DEFAULT_PATH if path is None else path
+    file_values, (handlers, handler_sources) = _read_file(path, explicit_path)
     layers = [
         (f"board:{profile.name}", overrides),
-        (f"file:{path}", _read_file(path, explicit_path)),
+        (f"file:{path}", file_values),
         ("flag", _read_flags(flags or {})),
     ]
     for source, layer in layers:
@@ -667,9 +853,9 @@ def load_config(
         sources |= dict.fromkeys(layer, source)
     _fill_from_preset(values, sources)
     sources |= dict.fromkeys(BOARD_FIELDS, f"board:{profile.name}") | {"board.name": chosen}
-    config = _build(values, profile)
+    config = _build(values, profile, handlers)
     _cross_check(config, sources)
-    return Loaded(config, {key: sources[key] for key in _KEYS})
+    return Loaded(config, {key: sources[key] for key in _KEYS} | handler_sources)
 
 
 # ---------------------------------------------------------------------------
@@ -686,35 +872,56 @@ def _show(value: object) -> str:
         return json.dumps(str(value), ensure_ascii=False)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(map(_show, value)) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_show(v)}" for k, v in value.items()) + "}"
     return repr(value)
+
+
+def _handler_values(h: HandlerConfig) -> dict[str, object]:
+    """A handler's fields as the file spells them (env as a table)."""
+    return {name: dict(h.env) if name == "env" else getattr(h, name) for name in HANDLER_FIELDS}
 
 
 def _flat_values(config: Config) -> dict[str, object]:
     def value(key: str) -> object:
         return config.membership_profile if key == "membership.profile" else reduce(getattr, key.split("."), config)
 
-    return {key: value(key) for key in _KEYS}
+    out = {key: value(key) for key in _KEYS}
+    for h in config.handlers:
+        out |= {f"handlers.{h.name}.{name}": v for name, v in _handler_values(h).items()}
+    return out
+
+
+def _group(key: str) -> str:
+    """What format_config keeps together: a section, or one handler."""
+    return key.rpartition(".")[0] if key.startswith("handlers.") else key.split(".")[0]
 
 
 def format_config(loaded: Loaded) -> str:
-    """`section.key = value   # source` per key, a blank line between sections."""
+    """`section.key = value   # source` per key, a blank line between sections and handlers."""
     items = [(key, f"{key} = {_show(v)}") for key, v in _flat_values(loaded.config).items()]
     width = min(48, max(len(text) for _, text in items))
     lines: list[str] = []
     for i, (key, text) in enumerate(items):
-        if i and key.split(".")[0] != items[i - 1][0].split(".")[0]:
+        if i and _group(key) != _group(items[i - 1][0]):
             lines.append("")
         lines.append(f"{text.ljust(width)}   # {loaded.sources[key]}")
     return "\n".join(lines) + "\n"
+
+
+def _json_value(value: object) -> object:
+    return str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
 
 
 def config_as_dict(loaded: Loaded) -> dict[str, object]:
     """{"config": sections as in the file (JSON-ready), "sources": dotted key -> source}."""
     tree: dict[str, object] = {}
     for key, value in _flat_values(loaded.config).items():
-        *parents, leaf = key.split(".")
-        table = reduce(lambda d, p: d.setdefault(p, {}), parents, tree)
-        table[leaf] = str(value) if isinstance(value, Path) else list(value) if isinstance(value, tuple) else value
+        if not key.startswith("handlers."):  # handler names may hold dots
+            *parents, leaf = key.split(".")
+            reduce(lambda d, p: d.setdefault(p, {}), parents, tree)[leaf] = _json_value(value)
+    if loaded.config.handlers:
+        tree["handlers"] = {h.name: {k: _json_value(v) for k, v in _handler_values(h).items()} for h in loaded.config.handlers}
     return {"config": tree, "sources": dict(loaded.sources)}
 
 
@@ -767,7 +974,31 @@ Values are also checked against each other:
 
 - `[membership]`: the rules of `MembershipSettings.problems()` (e.g. `probe_timeout_ms` must be
   below `probe_interval_ms`), and `max_members` may not exceed the board's `budgets.max_members`;
-- `load.meta_refresh_ms` must be at least `load.sample_interval_ms`.
+- `load.meta_refresh_ms` must be at least `load.sample_interval_ms`;
+- `tasks.idle` must be below `tasks.overload`.
+"""
+
+_DOC_HANDLERS = f"""\
+## [handlers.NAME]
+
+A handler is a program this node runs for tasks of kind `NAME`. The node offers (gossips) the
+kinds it has a handler for; {', '.join(f"`{n}`" for n in BUILTIN_HANDLERS)} are built in (run inside the
+agent) and are reserved names. NAME is 1-32 of `a-z 0-9 _ . -`; at most {MAX_HANDLERS} handlers. Handlers
+come from the file only (not from board profiles or flags); `config show` prints each field as
+`handlers.NAME.FIELD`.
+
+`command` is the argv list, run without a shell, in its own session: a task's arguments can never
+be read as shell syntax, and a timeout kills the handler's whole process tree. A string such as
+`command = "transcode --preset fast"` is refused; write `command = ["transcode", "--preset", "fast"]`.
+
+```toml
+[handlers.transcode]
+command = ["/usr/local/bin/transcode", "--preset", "fast"]
+env = {{ TRANSCODE_THREADS = "2" }}
+cwd = "/srv/media"
+timeout_s = 600
+concurrency = 2
+```
 """
 
 _DOC_BOARDS = f"""\
@@ -813,6 +1044,15 @@ def _section_doc(section: str) -> str:
     return f"## [{section}]\n\n" + _table(["key", "type", "unit", "default", "allowed", "meaning"], rows)
 
 
+def _handlers_doc() -> str:
+    defaults = {f.name: f.default for f in fields(HandlerConfig)} | {"env": {}}
+    rows = [
+        [f"`{name}`", f.rule.kind, f.unit, "required" if name == "command" else f"`{_show(defaults[name])}`", f.rule.allowed, f.meaning]
+        for name, f in HANDLER_FIELDS.items()
+    ]
+    return _DOC_HANDLERS + "\n" + _table(["key", "type", "unit", "default", "allowed", "meaning"], rows)
+
+
 def _membership_doc() -> str:
     names = list(PROFILES)
     profile = FIELDS["membership.profile"]
@@ -850,7 +1090,7 @@ def markdown_reference() -> str:
     """docs/configuration.md: every field with unit, default, allowed values and meaning."""
     parts = [_DOC_INTRO]
     parts += [_membership_doc() if section == "membership" else _section_doc(section) for section in _SECTIONS]
-    parts += [_DOC_RULES, _boards_doc(), _DOC_IDENTITY]
+    parts += [_handlers_doc(), _DOC_RULES, _boards_doc(), _DOC_IDENTITY]
     return "\n".join(parts)
 
 

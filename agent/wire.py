@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import re
 from collections.abc import Iterable, Sequence
 
 import cbor2
@@ -308,16 +309,20 @@ def split_states(sender: str, states: Iterable[MemberState], budget: int) -> lis
 # ----------------------------------------------------------------- metadata
 
 MAX_VERSION = 32  #: bytes of the version string in meta
-META_FIXED_MAX = 80
-"""Most bytes meta spends on everything but the capability names: map head 1,
-five numbers as key 2 + value <=5, version key 2 + head 2 + 32, truncation
-mark 3, capabilities key 2 + array head <=3 = 80. So capability names always
-get at least MAX_META - META_FIXED_MAX = 176 bytes (each costs its UTF-8 length
-+ 1, or + 2 from 24 bytes on)."""
+META_FIXED_MAX = 92
+"""Most bytes meta spends on everything but the capability and kind names: map
+head 1, five numbers as key 2 + value <=5, version key 2 + head 2 + 32,
+truncation mark 3, capabilities key 2 + array head <=3, kinds key 2 + array
+head <=3, queued key 2 + value <=5 = 92. So capability and kind names together
+always get at least MAX_META - META_FIXED_MAX = 164 bytes (each costs its UTF-8
+length + 1, or + 2 from 24 bytes on)."""
 
 _INT32 = 2**31 - 1
 # load key -> compact key; these values travel as integer tenths (one decimal)
 _TENTHS = {"cpu": "c", "mem": "m", "load1": "l", "temp_c": "t"}
+#: A task kind (handler name); the same pattern as agent.core.taskspec.KIND_RE,
+#: which cannot be imported here (taskspec builds on this module).
+_KIND = re.compile(r"[a-z0-9_.-]{1,32}")
 
 
 def _tenths(x: object) -> int | None:
@@ -328,7 +333,8 @@ def _tenths(x: object) -> int | None:
     return round(max(-_INT32, min(_INT32, x * 10)))
 
 
-def _meta_map(load: dict, caps: Sequence[str], version: str, truncated: bool) -> dict:
+def _meta_map(load: dict, names: Sequence[str], ncaps: int, version: str, queued: int | None, with_kinds: bool, truncated: bool) -> dict:
+    """`names` is capabilities then kinds (maybe cut short); the first `ncaps` are capabilities."""
     m: dict = {}
     for name, key in _TENTHS.items():
         v = _tenths(load.get(name))
@@ -338,42 +344,63 @@ def _meta_map(load: dict, caps: Sequence[str], version: str, truncated: bool) ->
     if type(throttled) is int and 0 <= throttled <= 2**32 - 1:
         m["h"] = throttled
     m["v"] = version
-    m["k"] = list(caps)
+    m["k"] = list(names[:ncaps])
+    if with_kinds:
+        m["j"] = list(names[ncaps:])
+    if queued is not None:
+        m["q"] = max(0, min(_INT32, int(queued)))
     if truncated:
         m["x"] = True
     return m
 
 
-def encode_meta(load: dict, capabilities: Sequence[str], version: str) -> bytes:
-    """Compact CBOR map of load, capabilities and version, at most MAX_META bytes.
+def encode_meta(
+    load: dict,
+    capabilities: Sequence[str],
+    version: str,
+    kinds: Sequence[str] = (),
+    queued: int | None = None,
+) -> bytes:
+    """Compact CBOR map of load, capabilities, handler kinds, queue length and
+    version, at most MAX_META bytes.
 
     Load keys: cpu, mem (percent), load1, temp_c (float or None), throttled
     (firmware flags int or None); missing or non-finite values are left out.
-    If the capabilities do not fit, the longest prefix that does is kept and
-    the meta is marked caps_truncated. ValueError if `version` is longer than
-    MAX_VERSION bytes (our constant, so our bug)."""
+    `kinds`: the task kinds of the configured handlers (built-ins are implied,
+    not sent); left out when empty. `queued`: tasks waiting in this node's
+    queue, clamped to 0..2**31-1; left out when None. If capabilities and
+    kinds do not all fit, the longest prefix of capabilities + kinds that does
+    is kept and the meta is marked caps_truncated. ValueError if `version` is
+    longer than MAX_VERSION bytes (our constant, so our bug)."""
     if len(version.encode()) > MAX_VERSION:
         raise ValueError(f"version {version!r} longer than {MAX_VERSION} bytes")
-    out = cbor2.dumps(_meta_map(load, capabilities, version, False))
+    names, ncaps, with_kinds = [*capabilities, *kinds], len(capabilities), bool(kinds)
+
+    def meta(count: int, truncated: bool) -> bytes:
+        return cbor2.dumps(_meta_map(load, names[:count], min(count, ncaps), version, queued, with_kinds, truncated))
+
+    out = meta(len(names), False)
     if len(out) <= MAX_META:
         return out
-    lo, hi = 0, len(capabilities) - 1  # longest fitting prefix; size grows with the prefix
+    lo, hi = 0, len(names) - 1  # longest fitting prefix; size grows with the prefix
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if len(cbor2.dumps(_meta_map(load, capabilities[:mid], version, True))) <= MAX_META:
+        if len(meta(mid, True)) <= MAX_META:
             lo = mid
         else:
             hi = mid - 1
-    return cbor2.dumps(_meta_map(load, capabilities[:lo], version, True))
+    return meta(lo, True)
 
 
 def decode_meta(b: bytes) -> dict:
     """Tolerant reverse of encode_meta; never raises.
 
     Returns the fields present and well-typed (cpu, mem, load1, temp_c as
-    floats; throttled int; version str; capabilities list[str]; caps_truncated
-    True), skipping unknown keys so newer peers can add some. Empty meta gives
-    {}; meta that is not a CBOR map of the plain subset gives {"invalid": True}."""
+    floats; throttled int; version str; capabilities list[str]; kinds
+    list[str], only names a task kind may have; queued int in 0..2**31-1;
+    caps_truncated True), skipping unknown keys so newer peers can add some.
+    Empty meta gives {}; meta that is not a CBOR map of the plain subset gives
+    {"invalid": True}."""
     if not isinstance(b, bytes) or len(b) > MAX_META:
         return {"invalid": True}
     if not b:
@@ -394,6 +421,10 @@ def decode_meta(b: bytes) -> dict:
         out["version"] = m["v"]
     if type(m.get("k")) is list:
         out["capabilities"] = [c for c in m["k"] if type(c) is str]
+    if type(m.get("j")) is list:
+        out["kinds"] = [k for k in m["j"] if type(k) is str and _KIND.fullmatch(k)]
+    if type(m.get("q")) is int and 0 <= m["q"] <= _INT32:
+        out["queued"] = m["q"]
     if m.get("x") is True:
         out["caps_truncated"] = True
     return out

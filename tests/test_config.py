@@ -8,7 +8,10 @@ import pytest
 
 from agent.config import (
     FIELDS,
+    HANDLER_FIELDS,
     ConfigError,
+    HandlerConfig,
+    TasksConfig,
     known_boards,
     load_config,
     config_as_dict,
@@ -246,8 +249,8 @@ def test_format_and_dict(tmp_path):
     assert any(line.startswith("node.port = 7000") and line.endswith("# flag") for line in lines)
     assert any(line.startswith('discovery.seeds = ["hub.local"]') and "# file:" in line for line in lines)
     sections = [line.split(".")[0] for line in lines if line]
-    assert list(dict.fromkeys(sections)) == ["board", "node", "discovery", "membership", "load", "api", "consensus", "log"]
-    assert len(lines) - len(sections) == 7  # one blank line between sections
+    assert list(dict.fromkeys(sections)) == ["board", "node", "discovery", "membership", "load", "api", "consensus", "log", "tasks"]
+    assert len(lines) - len(sections) == 8  # one blank line between sections
     data = json.loads(json.dumps(config_as_dict(loaded)))
     assert data["config"]["node"]["port"] == 7000 and data["config"]["discovery"]["seeds"] == ["hub.local"]
     assert data["config"]["board"]["budgets"]["max_members"] == 1024
@@ -256,7 +259,7 @@ def test_format_and_dict(tmp_path):
 
 def test_every_field_documented(tmp_path):
     c = load(tmp_path).config
-    sections = ("node", "discovery", "membership", "load", "api", "consensus", "log")
+    sections = ("node", "discovery", "membership", "load", "api", "consensus", "log", "tasks")
     expected = {"membership.profile"} | {f"{s}.{f.name}" for s in sections for f in fields(getattr(c, s))}
     assert set(FIELDS) == expected
 
@@ -291,3 +294,188 @@ def test_consensus_heartbeat_must_be_shorter_than_the_election_timeout(tmp_path)
     with pytest.raises(ConfigError) as e:
         load(tmp_path, "[consensus]\nheartbeat_ticks = 8\nelection_ticks = 8\n")
     assert "consensus.heartbeat_ticks" in str(e.value) and "less than consensus.election_ticks (8)" in str(e.value)
+
+
+# ---------------------------------------------------------------- [tasks]
+
+
+def test_tasks_defaults(tmp_path):
+    loaded = load(tmp_path)
+    assert loaded.config.tasks == TasksConfig()
+    t = loaded.config.tasks
+    assert (t.enabled, t.slots, t.strategy, t.replicas, t.idle, t.overload) == (True, 0, "capability", 3, 0.3, 0.8)
+    assert t.bid_weights == (0.4, 0.3, 0.2, 0.1) and loaded.sources["tasks.bid_weights"] == "default"
+    assert loaded.config.handlers == ()
+
+
+def test_tasks_from_the_file(tmp_path):
+    text = '[tasks]\nstrategy = "auction"\nslots = 4\nbid_weights = [1, 0, 0, 0]\nidle = 0\n'
+    loaded = load(tmp_path, text)
+    t = loaded.config.tasks
+    assert (t.strategy, t.slots, t.idle) == ("auction", 4, 0.0)
+    assert t.bid_weights == (1.0, 0.0, 0.0, 0.0) and all(type(w) is float for w in t.bid_weights)
+    assert loaded.sources["tasks.slots"] == f"file:{tmp_path / 'agent.toml'}"
+
+
+@pytest.mark.parametrize(
+    "text, key, value, allowed",
+    [
+        ('strategy = "random"', "tasks.strategy", "random", "one of capability, auction, hash"),
+        ("replicas = 8", "tasks.replicas", 8, "an integer from 1 to 7"),
+        ("slots = -1", "tasks.slots", -1, "an integer from 0 to 256"),
+        ("match_threshold = 1.5", "tasks.match_threshold", 1.5, "a number from 0 to 1"),
+        ("bid_weights = [0.5, 0.5, 0.5, 0.5]", "tasks.bid_weights", [0.5, 0.5, 0.5, 0.5], "sum to 1"),
+        ("bid_weights = [0.5, 0.5]", "tasks.bid_weights", [0.5, 0.5], "4 numbers"),
+        ("bid_weights = [1.5, -0.5, 0, 0]", "tasks.bid_weights", 1.5, "from 0 to 1"),
+        ("bid_weights = [true, 0, 0, 0]", "tasks.bid_weights", True, "4 numbers"),
+        ("bid_timeout_ms = 5", "tasks.bid_timeout_ms", 5, "an integer from 10 to 60000"),
+        ("steal = 1", "tasks.steal", 1, "true or false"),
+        ("max_queue = 0", "tasks.max_queue", 0, "an integer from 1 to 1000000"),
+    ],
+)
+def test_tasks_bad_values(tmp_path, text, key, value, allowed):
+    e = error(tmp_path, f"[tasks]\n{text}\n")
+    assert (e.key, e.value) == (key, value) and allowed in str(e)
+
+
+def test_bid_weights_sum_allows_rounding(tmp_path):
+    weights = load(tmp_path, "[tasks]\nbid_weights = [0.3333, 0.3333, 0.3333, 0.0]\n").config.tasks.bid_weights
+    assert weights == (0.3333, 0.3333, 0.3333, 0.0)
+    assert "they sum to 0.998" in str(error(tmp_path, "[tasks]\nbid_weights = [0.333, 0.333, 0.332, 0.0]\n"))
+
+
+@pytest.mark.parametrize("text", ["idle = 0.8", "idle = 0.9", "overload = 0.2"])
+def test_idle_must_be_below_overload(tmp_path, text):
+    e = error(tmp_path, f"[tasks]\n{text}\n")
+    t = TasksConfig()
+    idle = float(text.split("= ")[1]) if text.startswith("idle") else t.idle
+    overload = float(text.split("= ")[1]) if text.startswith("overload") else t.overload
+    assert (e.key, e.value) == ("tasks.idle", idle)
+    assert f"tasks.idle = {idle}" in str(e) and f"less than tasks.overload ({overload})" in str(e)
+
+
+def test_cpu_scope(tmp_path):
+    assert load(tmp_path).config.load.cpu_scope == "host"
+    assert load(tmp_path, '[load]\ncpu_scope = "tree"\n').config.load.cpu_scope == "tree"
+    assert "one of host, tree" in str(error(tmp_path, '[load]\ncpu_scope = "process"\n'))
+
+
+# ------------------------------------------------------------- [handlers.NAME]
+
+HANDLERS = """
+[handlers.transcode]
+command = ["ffmpeg", "-i", "{input}"]
+env = { LANG = "C.UTF-8", FFREPORT = "level=32" }
+cwd = "/srv/media"
+timeout_s = 600
+
+[handlers."resize.v2"]
+command = ["/usr/local/bin/resize"]
+"""
+
+
+def test_handlers_are_read_with_defaults(tmp_path):
+    handlers = load(tmp_path, HANDLERS).config.handlers
+    assert handlers == (
+        HandlerConfig("transcode", ("ffmpeg", "-i", "{input}"), (("LANG", "C.UTF-8"), ("FFREPORT", "level=32")), "/srv/media", 600, 1),
+        HandlerConfig("resize.v2", ("/usr/local/bin/resize",)),
+    )
+    assert handlers[1].timeout_s == 300 and handlers[1].concurrency == 1 and handlers[1].cwd == "" and handlers[1].env == ()
+
+
+def test_handlers_in_config_show(tmp_path):
+    loaded = load(tmp_path, HANDLERS)
+    path = tmp_path / "agent.toml"
+    lines = format_config(loaded).splitlines()
+    assert f'handlers.transcode.command = ["ffmpeg", "-i", "{{input}}"]   # file:{path}' in lines
+    shown = {line.split(" = ")[0]: line for line in lines if line.startswith("handlers.")}
+    assert list(shown) == [f"handlers.{n}.{f}" for n in ("transcode", "resize.v2") for f in HANDLER_FIELDS]
+    assert 'env = {LANG = "C.UTF-8", FFREPORT = "level=32"}' in shown["handlers.transcode.env"]
+    assert shown["handlers.resize.v2.timeout_s"].startswith("handlers.resize.v2.timeout_s = 300 ")
+    assert shown["handlers.resize.v2.timeout_s"].endswith("# default")
+    assert lines[lines.index(shown["handlers.resize.v2.command"]) - 1] == ""  # each handler its own block
+    data = json.loads(json.dumps(config_as_dict(loaded)))
+    assert data["config"]["handlers"]["transcode"] == {
+        "command": ["ffmpeg", "-i", "{input}"], "env": {"LANG": "C.UTF-8", "FFREPORT": "level=32"},
+        "cwd": "/srv/media", "timeout_s": 600, "concurrency": 1,
+    }
+    assert data["config"]["handlers"]["resize.v2"]["command"] == ["/usr/local/bin/resize"]
+    assert data["sources"]["handlers.transcode.cwd"] == f"file:{path}"
+    assert data["sources"]["handlers.transcode.concurrency"] == "default"
+
+
+def test_a_shell_string_command_is_refused(tmp_path):
+    e = error(tmp_path, '[handlers.transcode]\ncommand = "ffmpeg -i \'my file.mp4\'"\n')
+    assert (e.key, e.value) == ("handlers.transcode.command", "ffmpeg -i 'my file.mp4'")
+    assert "a list of strings (argv), never a shell string" in str(e)
+    assert 'write it as ["ffmpeg", "-i", "my file.mp4"]' in str(e)
+    assert e.source == f"file:{tmp_path / 'agent.toml'}"
+
+
+@pytest.mark.parametrize(
+    "table, key, value, why",
+    [
+        ("command = []", "handlers.h.command", [], "a list of strings (argv)"),
+        ('command = ["", "x"]', "handlers.h.command", "", "the program is empty"),
+        ('command = ["a", 1]', "handlers.h.command", 1, "a list of strings (argv)"),
+        ("command = [" + ", ".join(['"a"'] * 65) + "]", "handlers.h.command", ["a"] * 65, "up to 63 arguments"),
+        ('command = ["a"]\nenv = { lang = "C" }', "handlers.h.env", "lang", "a bad variable name"),
+        ('command = ["a"]\nenv = { LANG = 1 }', "handlers.h.env", 1, "the value of LANG"),
+        ('command = ["a"]\nenv = { LANG = "' + "x" * 1025 + '" }', "handlers.h.env", "x" * 1025, "at most 1024 characters"),
+        ('command = ["a"]\nenv = "LANG=C"', "handlers.h.env", "LANG=C", "a table of at most 32"),
+        ('command = ["a"]\ncwd = "media"', "handlers.h.cwd", "media", "an absolute path"),
+        ('command = ["a"]\ntimeout_s = 0', "handlers.h.timeout_s", 0, "an integer from 1 to 86400"),
+        ('command = ["a"]\nconcurrency = 65', "handlers.h.concurrency", 65, "an integer from 1 to 64"),
+        ('command = ["a"]\nconcurency = 2', "handlers.h.concurency", 2, "did you mean handlers.h.concurrency?"),
+        ("timeout_s = 5", "handlers.h.command", None, "missing: every handler needs a command"),
+    ],
+)
+def test_bad_handler_fields(tmp_path, table, key, value, why):
+    e = error(tmp_path, f"[handlers.h]\n{table}\n")
+    assert (e.key, e.value) == (key, value) and why in str(e)
+    assert e.source == f"file:{tmp_path / 'agent.toml'}"
+
+
+def test_too_many_env_variables(tmp_path):
+    env = ", ".join(f'V{i} = "x"' for i in range(33))
+    e = error(tmp_path, f'[handlers.h]\ncommand = ["a"]\nenv = {{ {env} }}\n')
+    assert e.key == "handlers.h.env" and "at most 32" in str(e)
+
+
+@pytest.mark.parametrize(
+    "text, key, why",
+    [
+        ('[handlers.Transcode]\ncommand = ["a"]\n', "handlers.Transcode", "1-32 of a-z 0-9 _ . -"),
+        ('[handlers.sleep]\ncommand = ["a"]\n', "handlers.sleep", "reserved: sleep is a built-in handler"),
+        ('[handlers.echo]\ncommand = ["a"]\n', "handlers.echo", "reserved"),
+        ('[handlers]\ntranscode = ["ffmpeg"]\n', "handlers.transcode", "a table [handlers.transcode] with command"),
+        ('handlers = "ffmpeg"\n', "handlers", "tables [handlers.NAME]"),
+        ('[handler.x]\ncommand = ["a"]\n', "handler", "did you mean handlers?"),
+        ('[tasks]\ncommand = ["a"]\n', "tasks.command", "did you mean handlers.NAME.command?"),
+    ],
+)
+def test_bad_handler_tables(tmp_path, text, key, why):
+    e = error(tmp_path, text)
+    assert e.key == key and why in str(e)
+
+
+def test_at_most_32_handlers(tmp_path):
+    tables = "".join(f'[handlers.h{i}]\ncommand = ["a"]\n' for i in range(32))
+    assert len(load(tmp_path, tables).config.handlers) == 32
+    e = error(tmp_path, tables + '[handlers.one-too-many]\ncommand = ["a"]\n')
+    assert e.key == "handlers" and "33 handlers, at most 32" in str(e)
+
+
+def test_handlers_come_from_the_file_only(tmp_path):
+    e = error(tmp_path, flags={"handlers.h.command": ["a"]})
+    assert e.key == "handlers.h.command" and e.source == "flag"
+
+
+def test_doc_describes_handlers():
+    doc = markdown_reference()
+    section = doc[doc.index("## [handlers.NAME]"):doc.index("Values are also checked")]
+    for name in HANDLER_FIELDS:
+        assert f"| `{name}` |" in section
+    assert "| `timeout_s` | integer | s | `300` |" in section and "| `env` | table |  | `{}` |" in section
+    assert "[handlers.transcode]" in section and "| `command` | list of strings |  | required |" in section
+    assert "`tasks.idle` must be below `tasks.overload`" in doc

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import psutil
 import pytest
 
 from agent.io import load
-from agent.io.load import Load, LoadSampler, changed_enough, process_stats, throttle_flags
+from agent.io.load import Load, LoadSampler, TreeCpu, changed_enough, process_stats, throttle_flags
 
 
 @pytest.fixture
@@ -116,3 +119,85 @@ def test_real_host_values_are_plausible():
     stats = process_stats()
     assert stats["rss_bytes"] > 1_000_000
     assert 0.0 <= stats["cpu_percent"] <= 100.0 * psutil.cpu_count()
+
+
+# ------------------------------------------------------------------ cpu_scope "tree"
+
+
+class FakeProc:
+    """A process whose CPU seconds the test sets; identity stands for (pid, start time)."""
+
+    def __init__(self, seconds=0.0, children=()):
+        self.seconds, self.kids, self.gone = seconds, list(children), False
+
+    def cpu_times(self):
+        if self.gone:
+            raise psutil.NoSuchProcess(1)
+        return SimpleNamespace(user=self.seconds * 0.75, system=self.seconds * 0.25)
+
+    def children(self, recursive):
+        assert recursive
+        return list(self.kids)
+
+
+def test_tree_cpu_counts_each_process_from_its_first_sighting(mocker):
+    root, clock = FakeProc(10.0), iter([0.0, 1.0, 2.0, 3.0, 4.0]).__next__
+    mocker.patch.object(load.psutil, "Process", return_value=root)
+    tree = TreeCpu(1234, clock)
+    assert tree.percent() is None  # the baseline
+    child = FakeProc(50.0)  # time spent before we saw it is not ours to count
+    root.kids, root.seconds = [child], 10.25
+    assert tree.percent() == pytest.approx(25.0)
+    child.seconds += 0.5
+    assert tree.percent() == pytest.approx(50.0)
+    child.gone = True  # exits between the listing and the read: dropped
+    newcomer = FakeProc(7.0)
+    root.kids = [child, newcomer]
+    root.seconds += 0.1
+    assert tree.percent() == pytest.approx(10.0)
+    newcomer.seconds += 0.9
+    root.kids = [newcomer, FakeProc(3.0), FakeProc(4.0)]
+    root.seconds += 0.9  # 1.8 s of CPU in 1 s: more than one core, clamped
+    assert tree.percent() == 100.0
+
+
+def test_tree_scope_keeps_the_last_value_when_psutil_fails(mocker, tmp_path):
+    root = FakeProc(1.0)
+    mocker.patch.object(load.psutil, "Process", return_value=root)
+    mocker.patch.object(load.psutil, "virtual_memory", return_value=SimpleNamespace(percent=10.0))
+    sampler = LoadSampler(1.0, tmp_path / "x", tmp_path / "y", cpu_scope="tree")
+    time.sleep(0.01)
+    first = sampler.sample().cpu
+    assert first is not None and 0.0 <= first <= 100.0
+    root.gone = True
+    assert sampler.sample().cpu == first
+
+
+def test_cpu_scope_is_checked():
+    with pytest.raises(ValueError, match="cpu_scope"):
+        LoadSampler(cpu_scope="process")
+
+
+BUSY = "import time\nend = time.monotonic() + 5\nwhile time.monotonic() < end: pass\n"
+
+
+def test_tree_scope_sees_a_busy_child_process_and_nothing_outside_the_tree(tmp_path):
+    sampler = LoadSampler(1.0, tmp_path / "x", tmp_path / "y", cpu_scope="tree")
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(5)"])
+    other_tree = TreeCpu(sleeper.pid)  # a sibling of the busy child: must not see it
+    time.sleep(0.3)
+    idle = sampler.sample().cpu
+    child = subprocess.Popen([sys.executable, "-c", BUSY])
+    try:
+        sampler.sample()  # first sighting of the child: its start-up is not counted
+        other_tree.percent()
+        time.sleep(0.6)
+        busy = sampler.sample().cpu
+        outside = other_tree.percent()
+    finally:
+        for proc in (child, sleeper):
+            proc.kill()
+            proc.wait()
+    assert idle < 20.0
+    assert busy > idle + 40.0 and busy <= 100.0
+    assert outside < 20.0

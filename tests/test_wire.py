@@ -289,10 +289,58 @@ def test_meta_leaves_out_unknown_values():
 
 def test_meta_fixed_part_bound():
     extreme = {"cpu": -1e308, "mem": 1e308, "load1": 2**1100, "temp_c": -273.15, "throttled": 2**32 - 1}
-    m = encode_meta(extreme, ["x" * MAX_META], "v" * MAX_VERSION)  # the one capability cannot fit
+    # the one capability cannot fit, so neither can the kind after it
+    m = encode_meta(extreme, ["x" * MAX_META], "v" * MAX_VERSION, kinds=["transcode"], queued=2**40)
     assert len(m) <= META_FIXED_MAX
-    assert decode_meta(m)["caps_truncated"] is True
-    assert decode_meta(m)["capabilities"] == []
+    got = decode_meta(m)
+    assert got["caps_truncated"] is True and got["capabilities"] == [] and got["kinds"] == []
+    assert got["queued"] == 2**31 - 1
+
+
+def test_meta_names_always_get_what_the_fixed_part_leaves():
+    extreme = {"cpu": -1e308, "mem": 1e308, "load1": 2**1100, "temp_c": -273.15, "throttled": 2**32 - 1}
+    caps, kinds = [f"c{i}" + "c" * 20 for i in range(6)], ["k" * 24]  # 6 * 23 + 26 = 164 bytes of names
+    assert MAX_META - META_FIXED_MAX == 164
+    got = decode_meta(encode_meta(extreme, caps, "v" * MAX_VERSION, kinds=kinds, queued=2**31 - 1))
+    assert (got["capabilities"], got["kinds"]) == (caps, kinds) and "caps_truncated" not in got
+
+
+def test_meta_carries_kinds_and_queue_length():
+    m = encode_meta(LOAD, ["camera"], "0.1.0", kinds=["transcode", "resize.v2"], queued=17)
+    got = decode_meta(m)
+    assert got["capabilities"] == ["camera"] and got["kinds"] == ["transcode", "resize.v2"] and got["queued"] == 17
+    assert "caps_truncated" not in got
+
+
+@pytest.mark.parametrize("queued, expected", [(0, 0), (-5, 0), (2**31 - 1, 2**31 - 1), (2**63, 2**31 - 1)])
+def test_meta_queue_length_is_clamped(queued, expected):
+    assert decode_meta(encode_meta({}, [], "1", queued=queued))["queued"] == expected
+
+
+def test_meta_without_kinds_or_queue_is_unchanged():
+    """An agent without handlers sends what it sent before tasks existed."""
+    m = encode_meta(LOAD, ["gpio"], "0.1.0")
+    assert m == encode_meta(LOAD, ["gpio"], "0.1.0", kinds=(), queued=None)
+    assert set(cbor2.loads(m)) == {"c", "m", "l", "t", "h", "v", "k"}
+    assert "kinds" not in decode_meta(m) and "queued" not in decode_meta(m)
+
+
+@FAST
+@given(
+    st.lists(st.text(max_size=40), max_size=40),
+    st.lists(st.from_regex(r"\A[a-z0-9_.-]{1,32}\Z"), min_size=1, max_size=32),
+)
+def test_meta_truncates_capabilities_then_kinds_from_the_end(caps, kinds):
+    m = encode_meta(LOAD, caps, "0.1.0", kinds=kinds, queued=3)
+    assert len(m) <= MAX_META
+    got = decode_meta(m)
+    kept = got["capabilities"] + got["kinds"]
+    names = caps + kinds
+    assert kept == names[: len(kept)] and got["queued"] == 3
+    assert got["kinds"] == [] or got["capabilities"] == caps  # kinds only after every capability
+    assert got.get("caps_truncated", False) == (len(kept) < len(names))
+    if len(kept) < len(names):  # the next name would not have fit (its array head may grow by 1 byte)
+        assert len(m) + len(cbor2.dumps(names[len(kept)])) + 1 > MAX_META
 
 
 @FAST
@@ -323,6 +371,13 @@ def test_meta_refuses_long_version():
         (cbor2.dumps({"c": 1.5}), {"invalid": True}),  # floats are outside the subset
         (b"m" * (MAX_META + 1), {"invalid": True}),
         (cbor2.dumps({"c": "high", "m": 5, "k": ["a", 3], "x": 1, "zz": 9}), {"mem": 0.5, "capabilities": ["a"]}),
+        (cbor2.dumps({"j": ["ok", 3, "Bad", "", "x" * 33, b"raw", "a.b-c_1"], "q": 4}), {"kinds": ["ok", "a.b-c_1"], "queued": 4}),
+        (cbor2.dumps({"j": "transcode", "q": -1}), {}),
+        (cbor2.dumps({"j": {"a": 1}, "q": 2**31}), {}),
+        (cbor2.dumps({"j": [["transcode"]]}), {"invalid": True}),  # nested deeper than meta ever is
+        (cbor2.dumps({"j": [], "q": True}), {"kinds": []}),
+        (cbor2.dumps({"q": 2**31}), {}),
+        (cbor2.dumps({"q": "7"}), {}),
     ],
 )
 def test_decode_meta_is_tolerant(meta, expected):

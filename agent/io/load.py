@@ -8,6 +8,11 @@ was one); temperature and throttling are None where the files are missing or
 unreadable (any non-Pi host). A degraded host reports less instead of
 crashing the agent. CPU is smoothed (EWMA) so one busy tick does not make
 task placement flap.
+
+CPU scope "host" is the whole host's CPU (what a device in a fleet should
+report). Scope "tree" is only this agent and the processes it started (its
+task handlers), as percent of one core: several agents on one lab host or CI
+runner then each see their own load, so balancing can be tested there.
 """
 
 from __future__ import annotations
@@ -16,8 +21,9 @@ import dataclasses
 import functools
 import logging
 import os
-from dataclasses import dataclass
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -120,24 +126,82 @@ def _read_throttled(path: Path) -> int | None:
         return None
 
 
+CPU_SCOPES = ("host", "tree")
+
+
+class TreeCpu:
+    """CPU used by a process and all its descendants, as percent of one core
+    since the previous call; None on the first call, which sets the baseline.
+
+    Each process's user + system time is compared with its own previous
+    reading: a process seen for the first time counts from that sighting, one
+    that exited is dropped (its last interval's time is lost, which at worst
+    under-reports a handler that just ended). Processes are keyed by pid and
+    start time, so a reused pid is a new process. Raises psutil.Error or
+    OSError if the root itself cannot be read; the sampler keeps its last value then."""
+
+    def __init__(self, pid: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self._pid = pid
+        self._root: psutil.Process | None = None
+        self._clock = clock
+        self._times: dict[psutil.Process, float] = {}
+        self._at: float | None = None
+
+    def _tree_times(self) -> dict[psutil.Process, float]:
+        if self._root is None:
+            self._root = psutil.Process(self._pid)
+        out = {self._root: _cpu_seconds(self._root)}
+        for proc in self._root.children(recursive=True):
+            try:
+                out[proc] = _cpu_seconds(proc)
+            except psutil.Error:  # exited (or hidden) since the listing: drop it
+                continue
+        return out
+
+    def percent(self) -> float | None:
+        times = self._tree_times()
+        now = self._clock()
+        used = sum(max(0.0, t - self._times[p]) for p, t in times.items() if p in self._times)
+        since, self._at, self._times = self._at, now, times
+        if since is None or now <= since:
+            return None
+        return max(0.0, min(100.0, 100.0 * used / (now - since)))
+
+
+def _cpu_seconds(proc: psutil.Process) -> float:
+    t = proc.cpu_times()
+    return t.user + t.system
+
+
 class LoadSampler:
-    """Produces `Load` samples; keep one per process (psutil's CPU delta is per caller state)."""
+    """Produces `Load` samples; keep one per process (psutil's CPU delta is per caller state).
+
+    `cpu_scope`: "host" (whole host) or "tree" (this process and its descendants,
+    percent of one core); see the module doc."""
 
     def __init__(
         self,
         smoothing: float = 0.3,
         thermal_path: Path = THERMAL_PATH,
         throttled_path: Path = THROTTLED_PATH,
+        *,
+        cpu_scope: str = "host",
     ) -> None:
         if not 0.0 < smoothing <= 1.0:
             raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
+        if cpu_scope not in CPU_SCOPES:
+            raise ValueError(f"cpu_scope must be one of {', '.join(CPU_SCOPES)}, got {cpu_scope!r}")
         self._smoothing = smoothing
         self._thermal_path = thermal_path
         self._throttled_path = throttled_path
         self._last = Load(cpu=None, mem=None, load1=None, temp_c=None, throttled=None)
         self._warned: set[str] = set()
-        # The first non-blocking call only sets psutil's baseline and returns 0.0.
-        self._call("cpu", psutil.cpu_percent, None)
+        if cpu_scope == "tree":
+            self._cpu: Callable[[], float | None] = TreeCpu(os.getpid()).percent
+        else:
+            self._cpu = lambda: psutil.cpu_percent(None)
+        # The first non-blocking call only sets the baseline (0.0 or None: no reading yet).
+        self._call("cpu", self._cpu)
 
     def _call(self, what: str, fn: Callable[..., T], *args: object) -> T | None:
         """fn(*args), or None (logged once per field) when the OS refuses."""
@@ -152,7 +216,7 @@ class LoadSampler:
     def sample(self) -> Load:
         """Read everything once; never blocks, never raises."""
         last = self._last
-        raw_cpu = self._call("cpu", psutil.cpu_percent, None)
+        raw_cpu = self._call("cpu", self._cpu)
         if raw_cpu is None:
             cpu = last.cpu
         elif last.cpu is None:
