@@ -30,6 +30,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from agent.core.settings import FIELD_DOCS, PROFILES, MembershipSettings
+from agent.core.taskctx import BUILTIN_KINDS as BUILTIN_HANDLERS  # run in-process by agent.io.runner; reserved names
 from agent.core.taskspec import KIND_RE, STRATEGIES
 from agent.identity import NODE_ID_RULE
 from agent.messages import BadMessage, check_node_id
@@ -39,7 +40,6 @@ MODEL_PATH = Path("/proc/device-tree/model")
 DEFAULT_PORT = 5683
 DEFAULT_PROFILE = "lan"
 GENERIC_BOARD = "generic"
-BUILTIN_HANDLERS = ("echo", "sleep", "sysinfo")  #: run in-process by agent.io.runner; reserved names
 MAX_HANDLERS = 32
 
 
