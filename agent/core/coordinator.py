@@ -283,6 +283,8 @@ class Coordinator:
     def on_done(self, frm: str, msg: Done) -> None:
         res = msg.result
         rec = self.records.get(msg.task_id)
+        if rec is None and msg.spec is not None:
+            rec = self._rebuild(msg.spec, res)
         if rec is None or not self.is_coordinator(rec):
             return  # the coordinator acknowledges; the executor resends until one does
         self.ctx.send(frm, DoneAck(msg.task_id, res.attempt))
@@ -299,6 +301,17 @@ class Coordinator:
             self._final(rec, res, "done" if res.outcome == "ok" else "failed", f"exit {res.exit_code}")
         elif current:
             self._retry(rec, f"{res.outcome} on {res.node}: {res.reason}"[:120])
+
+    def _rebuild(self, spec, res: Result) -> Record | None:
+        """A result for a task no home member remembers (all of them restarted):
+        start its record again from what the executor still has."""
+        home = self.ctx.home(spec)
+        if not home or home[0] != self.ctx.me:
+            return None
+        rec = Record(spec, "queued", res.attempt, res.node, 1, (Event(self.ctx.wall, "queued", res.node, "record rebuilt from its result"),))
+        self._store(rec)
+        self.ctx.counters.inc("task_record_rebuilt")
+        return rec
 
     def on_check_reply(self, frm: str, msg: CheckReply) -> None:
         for tid, attempt, state, moved_to in msg.items:

@@ -48,6 +48,7 @@ class Local:
     via: str
     moved_ms: int | None  #: when it last arrived from another executor (None: placed here)
     seq: int
+    hold_until: int | None = None  #: restored after a restart: wait for the coordinator's word until then
 
 
 class Executor:
@@ -64,6 +65,7 @@ class Executor:
         self.steal_backoff = 1
         self.next_balance = 0
         self.announce: list[str] = []  #: restored tasks to report on the next tick
+        self.paused = False  #: shutting down: start nothing more
         self.handlers = {
             Assign: self.on_assign, Revoke: self.on_revoke, DoneAck: self.on_done_ack, Check: self.on_check,
             CallForBids: self.on_call_for_bids, StealRequest: self.on_steal_request, Handoff: self.on_handoff,
@@ -101,7 +103,7 @@ class Executor:
 
     def _schedule(self) -> None:
         """Start what the free slots and each kind's concurrency allow, best first."""
-        if not self.queue or not self.free_slots():
+        if not self.queue or not self.free_slots() or self.paused:
             return
         per_kind: dict[str, int] = {}
         for t in self.running.values():
@@ -111,6 +113,8 @@ class Executor:
                 break
             kind = t.spec.kind
             if t.spec.id in self.running or per_kind.get(kind, 0) >= self.ctx.kinds.get(kind, 1):
+                continue
+            if t.hold_until is not None and self.ctx.now < t.hold_until:
                 continue
             del self.queue[t.spec.id]  # its journal entry stays until the run ends: a restart re-runs it
             self.running[t.spec.id] = t
@@ -161,6 +165,7 @@ class Executor:
             local = self.running.get(tid) or self.queue.get(tid)
             if local is not None and local.attempt == attempt:
                 local.coord = frm
+                local.hold_until = None  # the coordinator still counts on us for this attempt
                 items.append((tid, attempt, "running" if tid in self.running else "queued", ""))
             elif tid in self.unacked and self.unacked[tid].result.attempt == attempt:
                 items.append((tid, attempt, "finished", ""))
@@ -211,7 +216,7 @@ class Executor:
         if held.coord:
             targets.add(held.coord)
         for node in sorted(targets):
-            self.ctx.send(node, Done(held.spec.id, held.result))
+            self.ctx.send(node, Done(held.spec.id, held.result, held.spec))
 
     # ------------------------------------------------------------ moving queued work
 
@@ -317,14 +322,18 @@ class Executor:
 
     def restore(self, journal) -> None:
         """Reload the queue and unacknowledged results. A run that was going on
-        when the agent stopped is queued again (at least once)."""
+        when the agent stopped is queued again (at least once). Restored tasks
+        wait for their coordinator's Check (or a Revoke, if it placed them
+        elsewhere meanwhile) for up to 3 check periods before they start, so a
+        restart does not run a task that already runs somewhere else."""
         for key, value in journal.items():
             try:
                 kind, _, tid = key.partition(":")
                 if kind == "q":
                     spec = spec_from_wire(value["spec"])
                     self.seq += 1
-                    self.queue[tid] = Local(spec, int(value["at"]), str(value["coord"]), "restart", None, self.seq)
+                    self.queue[tid] = Local(spec, int(value["at"]), str(value["coord"]), "restart", None, self.seq,
+                                            self.ctx.now + 3 * self.ctx.s.check_ms)
                     self.announce.append(tid)
                 elif kind == "r":
                     res = result_from_wire(value["res"])

@@ -94,6 +94,10 @@ class TaskEngine:
     def finished(self, task_id: str, attempt: int, result: Result) -> None:
         self.exec.finished(task_id, attempt, result)
 
+    def pause(self) -> None:
+        """Shutting down: start nothing more (what is queued stays journaled)."""
+        self.exec.paused = True
+
     def restore(self, journal: Mapping[str, object]) -> None:
         self.exec.restore(journal)
 

@@ -400,11 +400,14 @@ class Revoke:
 
 @dataclass(frozen=True, slots=True)
 class Done:
-    """Executor -> home replicas: how the attempt ended. Resent until DoneAck."""
+    """Executor -> home replicas: how the attempt ended. Resent until DoneAck.
+    It carries the spec so a coordinator that lost the record (the whole mesh
+    restarted) can rebuild it from the result."""
 
     T = 8
     task_id: str
     result: Result
+    spec: TaskSpec | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,7 +534,10 @@ def to_wire(msg) -> dict:
     if t == Assign.T:
         return {"T": t, "spec": msg.spec.to_wire(), "at": msg.attempt, "via": msg.via}
     if t == Done.T:
-        return {"T": t, "id": msg.task_id, "res": msg.result.to_wire()}
+        out = {"T": t, "id": msg.task_id, "res": msg.result.to_wire()}
+        if msg.spec is not None:
+            out["spec"] = msg.spec.to_wire()
+        return out
     if t == Handoff.T:
         return {"T": t, "why": msg.reason, "tasks": [[s.to_wire(), a] for s, a in msg.tasks]}
     if t == QueryReply.T:
@@ -591,7 +597,10 @@ def decode_message(data: bytes):
     if t == Revoke.T:
         return Revoke(_tid(m.get("task_id"), w), _uint(m, "attempt", w), _text(m, "reason", w, MAX_REASON))
     if t == Done.T:
-        return Done(_tid(m.get("id"), w), result_from_wire(m.get("res")))
+        spec = spec_from_wire(m["spec"]) if "spec" in m else None
+        if spec is not None and spec.id != m.get("id"):
+            raise BadMessage("bad_field", "done spec id")
+        return Done(_tid(m.get("id"), w), result_from_wire(m.get("res")), spec)
     if t == DoneAck.T:
         return DoneAck(_tid(m.get("task_id"), w), _uint(m, "attempt", w))
     if t == Check.T:
