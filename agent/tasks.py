@@ -101,6 +101,7 @@ class Tasks:
         self.list_answers: dict[int, list] = {}
         self.rid = random.getrandbits(32)
         self._loop_task: asyncio.Task | None = None
+        self._stopping = False
         self._started = time.monotonic()
         self.sent_bytes = 0
         endpoint.add_channel(TASKS_PATH, self.on_datagram, rt="meshagent.tasks")
@@ -119,7 +120,9 @@ class Tasks:
         if self._loop_task is not None:
             self._loop_task.cancel()
             await asyncio.gather(self._loop_task, return_exceptions=True)
-        await self.runner.stop()  # their "agent stopping" results are journaled and resent after restart
+        self.engine.pause()
+        self._stopping = True
+        await self.runner.stop()  # killed runs stay in the journal: they run again after the restart
         self._flush()
         self.journal.close()
 
@@ -196,6 +199,9 @@ class Tasks:
         self.endpoint.send(m.addr, m.port, sealed, TASKS_PATH)
 
     def _on_run_done(self, task_id: str, attempt: int, r: RunResult) -> None:
+        if self._stopping:
+            log.info("task %s attempt %d interrupted by the shutdown; it runs again after the restart", task_id, attempt)
+            return
         result = Result(r.outcome, r.exit_code, self.node_id, attempt, r.started_ms, r.finished_ms, r.stdout, r.stderr,
                         r.stdout_bytes, r.stderr_bytes, r.reason)
         log.info("task %s attempt %d: %s (exit %d) in %d ms", task_id, attempt, r.outcome, r.exit_code, r.finished_ms - r.started_ms)
