@@ -1,12 +1,17 @@
-"""The consensus API served over CoAP: POST /api and the observable /proposals.
+"""The node's API served over CoAP: POST /api and the observable /proposals.
 
 A request is a CBOR map `{"op": NAME, ...}`. Sealed with the fleet key (COSE,
 content-format 16) it may read and write, and is answered sealed; plain CBOR
 (content-format 60) may only read, and only where `api.public_read` is on
 (an insecure demo mesh, having no key, takes plain writes). The answer is
 `{"ok": true, ...}` or `{"error": ONE_LINE, "exit": N}` where N is the exit
-status the CLI should use: 3 a refused write (read-only side of a split, CAS
-conflict, not a voter...), 4 a key or proposal that does not exist, 1 other.
+status the CLI should use: 2 a bad field in a task request, 3 a refused write
+(read-only side of a split, CAS conflict, not a voter, no member can run the
+task...), 4 a key, proposal or task that does not exist, 1 other.
+
+Two families of ops: consensus (`leader`, `kv.*`, `prop.*`) and tasks
+(`task.*`). A node may run either without the other; an op of a disabled
+family is answered with an error that names the setting.
 """
 
 from __future__ import annotations
@@ -22,9 +27,13 @@ from aiocoap import Message
 from aiocoap.numbers.codes import Code
 
 from agent.consensus import Consensus, OutcomeUnknown, WriteRefused
+from agent.core.taskspec import (
+    CAP_RE, ID_RE, KEY_RE, KIND_RE, MAX_ARGS, MAX_ATTEMPTS, MAX_CAPS, MAX_PRIORITY, MAX_TIMEOUT_S, STATES, STRATEGIES,
+)
 from agent.counters import Counters
 from agent.envelope import Opener, Sealer
-from agent.messages import BadMessage
+from agent.messages import BadMessage, check_node_id
+from agent.tasks import TaskError, Tasks, record_view
 from agent.wire import loads_strict
 
 log = logging.getLogger("meshagent.api")
@@ -32,9 +41,23 @@ log = logging.getLogger("meshagent.api")
 CBOR, COSE = 60, 16
 MAX_REQUEST = 8192  #: bytes of one API request
 MAX_ANSWER = 256 * 1024  #: bytes of one answer (CoAP carries it block-wise)
-READS = {"leader", "kv.get", "kv.ls", "prop.get", "prop.list"}
-WRITES = {"kv.put", "kv.del", "kv.cas", "prop.new", "prop.vote", "leader.transfer"}
-EXIT_REFUSED, EXIT_NOT_FOUND = 3, 4
+CONSENSUS_READS = {"leader", "kv.get", "kv.ls", "prop.get", "prop.list"}
+CONSENSUS_WRITES = {"kv.put", "kv.del", "kv.cas", "prop.new", "prop.vote", "leader.transfer"}
+#: Task ops and the fields each takes (any other field is refused: a typo must not pass silently).
+TASK_FIELDS = {
+    "task.submit": {"kind", "args", "caps", "strategy", "priority", "timeout_s", "max_attempts", "key"},
+    "task.get": {"id"},
+    "task.list": {"state", "node", "limit"},
+    "task.cancel": {"id"},
+    "task.local": set(),
+}
+TASK_WRITES = {"task.submit", "task.cancel"}
+READS = CONSENSUS_READS | (TASK_FIELDS.keys() - TASK_WRITES)
+WRITES = CONSENSUS_WRITES | TASK_WRITES
+EXIT_BAD_INPUT, EXIT_REFUSED, EXIT_NOT_FOUND = 2, 3, 4
+MAX_LIST = 1000  #: rows of one task.list answer (newest first); about 100 bytes each
+CONSENSUS_DISABLED = "consensus is disabled on this node (consensus.enabled = false)"
+TASKS_DISABLED = "tasks are disabled on this node (tasks.enabled = false)"
 _RESULT_EXIT = {"not-found": EXIT_NOT_FOUND}  #: state-machine errors; any other error is a refusal
 
 
@@ -45,10 +68,12 @@ class ApiError(Exception):
 
 
 class Api:
-    """Answers API requests against one node's consensus."""
+    """Answers API requests against one node's consensus and task driver (either may be None)."""
 
-    def __init__(self, consensus: Consensus, node_id: str, mesh: str, keys, public_read: Callable[[], bool], boot: int):
+    def __init__(self, consensus: Consensus | None, tasks: Tasks | None, node_id: str, mesh: str, keys,
+                 public_read: Callable[[], bool], boot: int):
         self.c = consensus
+        self.tasks = tasks
         self.node_id = node_id
         self.insecure = keys is None
         self.public_read = public_read
@@ -75,6 +100,8 @@ class Api:
             answer = {"error": f"bad request: {exc}", "exit": 1}
         except (WriteRefused, OutcomeUnknown) as exc:
             answer = {"error": str(exc), "exit": EXIT_REFUSED if isinstance(exc, WriteRefused) else 1}
+        except TaskError as exc:
+            answer = {"error": str(exc), "exit": exc.exit_code}
         except Exception as exc:  # our bug: answer it rather than leave the client waiting
             log.exception("bug: API request failed")
             answer = {"error": f"internal error: {exc}", "exit": 1}
@@ -91,6 +118,12 @@ class Api:
 
     async def dispatch(self, r: dict) -> dict:
         op = r["op"]
+        if op in TASK_FIELDS:
+            if self.tasks is None:
+                raise ApiError(TASKS_DISABLED)
+            return await self.task_op(op, r)
+        if self.c is None:
+            raise ApiError(CONSENSUS_DISABLED)
         if op == "leader":
             return self.leader()
         if op == "leader.transfer":
@@ -151,6 +184,31 @@ class Api:
             raise ApiError(f"unknown op {op!r}")
         return _result(res)
 
+    async def task_op(self, op: str, r: dict) -> dict:
+        """One task op; bad fields are exit 2, the driver's TaskError carries its own exit."""
+        unknown = [k for k in r if k != "op" and k not in TASK_FIELDS[op]]
+        if unknown:
+            known = ", ".join(sorted(TASK_FIELDS[op])) or "none"
+            raise ApiError(f"{op}: unknown field {unknown[0]!r} (fields: {known})"[:200], EXIT_BAD_INPUT)
+        t = self.tasks
+        if op == "task.submit":
+            spec = t.build_spec(
+                _task_kind(r), _task_args(r), _task_caps(r), _task_str(r, "strategy", STRATEGIES),
+                _task_int(r, "priority", 0, MAX_PRIORITY, 5), _task_int(r, "timeout_s", 0, MAX_TIMEOUT_S, 0),
+                _task_int(r, "max_attempts", 1, MAX_ATTEMPTS, 3), _task_key(r),
+            )
+            return {"id": await t.submit(spec)}
+        if op == "task.get":
+            return {"task": record_view(await t.get(_task_id(r)))}
+        if op == "task.cancel":
+            await t.cancel(_task_id(r))
+            return {"id": r["id"]}
+        if op == "task.list":
+            state, node, limit = _task_str(r, "state", STATES), _task_node(r), _task_int(r, "limit", 1, MAX_LIST, MAX_LIST)
+            rows = await t.list(state, node)
+            return {"tasks": rows[:limit], "total": len(rows)}
+        return {"node": self.node_id, "tasks": t.engine.local_tasks()}
+
     def leader(self) -> dict:
         st = self.c.status()
         return {"node": self.node_id, "leader": st["leader"], "term": st["term"], "role": st["role"],
@@ -186,6 +244,82 @@ def proposal_view(p) -> dict:
     view = p.to_wire()
     view["votes"] = {v.voter: {"choice": v.choice, "ms": v.now_ms, "index": v.index} for v in p.votes}
     return view
+
+
+# ------------------------------------------------------------ task request fields (bad: exit 2)
+
+
+def _bad(name: str, expected: str, value: object) -> ApiError:
+    """One line naming the field first, so a long value cannot push the name out."""
+    shown = repr(value)
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return ApiError(f"{name}: expected {expected}, got {shown}", EXIT_BAD_INPUT)
+
+
+def _task_kind(r: dict) -> str:
+    v = r.get("kind")
+    if type(v) is not str or not KIND_RE.fullmatch(v):
+        raise _bad("kind", "a handler name (1-32 of a-z 0-9 _ . -)", v)
+    return v
+
+
+def _task_args(r: dict) -> dict:
+    v = r.get("args", {})
+    if type(v) is not dict or not all(type(k) is str for k in v):
+        raise _bad("args", "a map with text keys", v)
+    size = len(cbor2.dumps(v))
+    if size > MAX_ARGS:
+        raise ApiError(f"args: {size} bytes of CBOR, at most {MAX_ARGS} allowed", EXIT_BAD_INPUT)
+    return v
+
+
+def _task_caps(r: dict) -> list[str]:
+    v = r.get("caps", [])
+    if type(v) is not list or len(v) > MAX_CAPS:
+        raise _bad("caps", f"a list of at most {MAX_CAPS} capabilities", v)
+    for cap in v:
+        if type(cap) is not str or not CAP_RE.fullmatch(cap):
+            raise _bad("caps", "NAME, NAME=VALUE or NAME>=NUMBER (NAME, VALUE: 1-32 of a-z 0-9 _ . -)", cap)
+    return v
+
+
+def _task_str(r: dict, name: str, choices: tuple[str, ...]) -> str:
+    """The empty string (the default) or one of `choices`."""
+    v = r.get(name, "")
+    if type(v) is not str or (v and v not in choices):
+        raise _bad(name, '"" or one of ' + ", ".join(choices), v)
+    return v
+
+
+def _task_int(r: dict, name: str, lo: int, hi: int, default: int) -> int:
+    v = r.get(name, default)
+    if type(v) is not int or not lo <= v <= hi:
+        raise _bad(name, f"an integer from {lo} to {hi}", v)
+    return v
+
+
+def _task_key(r: dict) -> str:
+    v = r.get("key", "")
+    if type(v) is not str or (v and not KEY_RE.fullmatch(v)):
+        raise _bad("key", "1-64 printable ASCII characters without spaces", v)
+    return v
+
+
+def _task_id(r: dict) -> str:
+    v = r.get("id")
+    if type(v) is not str or not ID_RE.fullmatch(v):
+        raise _bad("id", "a task id (16 lowercase hex digits)", v)
+    return v
+
+
+def _task_node(r: dict) -> str:
+    v = r.get("node", "")
+    if v == "":
+        return v
+    try:
+        return check_node_id(v)
+    except BadMessage:
+        raise _bad("node", "a node id", v) from None
 
 
 def _decode(payload: bytes) -> dict:

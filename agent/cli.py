@@ -1,5 +1,6 @@
 """The `meshagent` command. Exit codes: 0 success, 1 failure (one-line reason on
-stderr), 2 usage error (argparse), 3 a refused write, 4 no such key or proposal."""
+stderr), 2 usage error (argparse) or bad input (a task's kind or arguments), 3 a
+refused write, 4 no such key, proposal or task."""
 
 from __future__ import annotations
 
@@ -256,8 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0, metavar="SECONDS", help="stop by itself after this long (0 = until Ctrl-C)")
     p.set_defaults(func=cmd_demo)
 
-    from agent import cli_consensus
+    from agent import cli_consensus, cli_tasks
     cli_consensus.add_commands(sub, _add_client_args)
+    cli_tasks.add_commands(sub, _add_client_args)
     p = sub.add_parser("recover", help="offline: restart a mesh whose voters are permanently lost, with this node as the only voter")
     _add_config_args(p)
     p.add_argument("--yes", action="store_true", help="do it (without: only check and explain)")

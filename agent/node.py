@@ -35,6 +35,7 @@ log = logging.getLogger("meshagent")
 MAX_PENDING_PINGS = 1024  #: pings awaiting an ack for RTT measurement
 API_MAX_ANSWER = 256 * 1024  #: bytes of a sealed /status or /peers answer (block-wise over CoAP)
 LAG_FACTOR = 4  #: a tick this many tick_ms late counts as local ill health (Lifeguard)
+QUEUE_GOSSIP_S = 0.25  #: how often the task queue length is compared with what we last gossiped
 
 
 @dataclass
@@ -52,7 +53,8 @@ class Agent:
         node = config.node
         self.addr_watch = AddressWatcher(node.bind, node.advertise, config.discovery.mdns_interfaces or None)
         self.address = self.addr_watch.check() or pick_advertise(node.bind, node.advertise, config.discovery.mdns_interfaces or None)
-        self.sampler = LoadSampler(smoothing=config.load.smoothing)
+        self.sampler = LoadSampler(smoothing=config.load.smoothing, cpu_scope=config.load.cpu_scope)
+        self.tasks = None
         self.load = self.sampler.sample()
         self._meta_at = time.monotonic()
         self.core = Membership(
@@ -71,6 +73,15 @@ class Agent:
         self.consensus = None
         if config.consensus.enabled:
             self._start_consensus(config, identity, keys)
+        if config.tasks.enabled:
+            from agent.tasks import Tasks
+
+            self.tasks = Tasks(config, self.node_id, identity.boot, keys, self.endpoint, self.core, self.drops)
+            self._queued_bucket = 0
+            self.core.set_meta(self._meta())
+        self.api = None
+        if self.consensus is not None or self.tasks is not None:
+            self._start_api(config, identity, keys)
         self.mdns = (
             MdnsDiscovery(self.node_id, node.mesh, self.address, node.port, config.discovery.mdns_interfaces or None, self.core.discovered)
             if config.discovery.mdns else None
@@ -83,15 +94,20 @@ class Agent:
         self.ready = asyncio.Event()
 
     def _start_consensus(self, config: Config, identity: Identity, keys) -> None:
-        from agent.api import Api, ApiResource, ProposalsResource
         from agent.consensus import Consensus
 
         self.consensus = Consensus(config, self.node_id, identity.boot, keys, self.endpoint, self.core, self.drops)
-        self.api = Api(self.consensus, self.node_id, config.node.mesh, keys, self._public, identity.boot)
+
+    def _start_api(self, config: Config, identity: Identity, keys) -> None:
+        """POST /api for whichever of consensus and tasks runs here (and /proposals with consensus)."""
+        from agent.api import Api, ApiResource, ProposalsResource
+
+        self.api = Api(self.consensus, self.tasks, self.node_id, config.node.mesh, keys, self._public, identity.boot)
         self.endpoint.add_resource(("api",), ApiResource(self.api))
-        proposals = ProposalsResource(self.api)
-        self.endpoint.add_resource(("proposals",), proposals)
-        self.consensus.listeners.append(proposals.changed)
+        if self.consensus is not None:
+            proposals = ProposalsResource(self.api)
+            self.endpoint.add_resource(("proposals",), proposals)
+            self.consensus.listeners.append(proposals.changed)
 
     # --------------------------------------------------------------- lifecycle
 
@@ -112,6 +128,8 @@ class Agent:
         if self.consensus is not None:
             self.consensus.update_learners()
             await self.consensus.start()
+        if self.tasks is not None:
+            await self.tasks.start()
         self._tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self._housekeeping())]
         self.ready.set()
         try:
@@ -130,6 +148,8 @@ class Agent:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.tasks is not None:
+            await self.tasks.stop()
         if self.consensus is not None:
             await self.consensus.stop()
         if self.mdns is not None:
@@ -162,25 +182,41 @@ class Agent:
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
 
     async def _housekeeping(self) -> None:
-        """Load samples and address checks, each on its own period."""
+        """Load samples, queue-length gossip and address checks, each on its own period."""
         load_every = self.config.load.sample_interval_ms / 1000
         addr_every = self.config.discovery.address_check_ms / 1000
-        next_load = next_addr = time.monotonic()
+        next_load = next_addr = next_queue = time.monotonic()
         while True:
             now = time.monotonic()
             try:
                 if now >= next_load:
                     next_load = now + load_every
                     self._sample_load(now)
+                if now >= next_queue:
+                    next_queue = now + QUEUE_GOSSIP_S
+                    self._gossip_queue(now)
                 if now >= next_addr:
                     next_addr = now + addr_every
                     await self._check_address()
             except Exception:  # e.g. zeroconf failing to re-announce: retry next period
                 log.exception("housekeeping failed")
-            await asyncio.sleep(max(0.05, min(next_load, next_addr) - time.monotonic()))
+            await asyncio.sleep(max(0.05, min(next_load, next_addr, next_queue) - time.monotonic()))
+
+    def _gossip_queue(self, now: float) -> None:
+        """Tell the mesh our queue length when it changes scale (0, 1, 2-3, 4-7, ...):
+        idle peers pick whom to steal from by it, and every change costs a broadcast."""
+        if self.tasks is None:
+            return
+        bucket = self.tasks.engine.queued_count().bit_length()
+        if bucket != self._queued_bucket:
+            self._queued_bucket = bucket
+            self._meta_at = now
+            self.core.set_meta(self._meta())
 
     def _sample_load(self, now: float) -> None:
         new = self.sampler.sample()
+        if self.tasks is not None:
+            self.tasks.set_load(new.cpu, new.mem)
         stale = now - self._meta_at >= self.config.load.meta_refresh_ms / 1000
         if stale or changed_enough(self.load, new, self.config.load.change_threshold_pct):
             self.load = new
@@ -197,7 +233,10 @@ class Agent:
                 await self.mdns.update_address(new)
 
     def _meta(self) -> bytes:
-        return encode_meta(self.load.as_dict(), list(self.config.node.capabilities), __version__)
+        if self.tasks is None:
+            return encode_meta(self.load.as_dict(), list(self.config.node.capabilities), __version__)
+        kinds = [h.name for h in self.config.handlers]
+        return encode_meta(self.load.as_dict(), list(self.config.node.capabilities), __version__, kinds, self.tasks.engine.queued_count())
 
     # ------------------------------------------------------------- datagrams
 
@@ -298,6 +337,7 @@ class Agent:
             "public_read": self.config.api.public_read,
             "mdns": self.mdns is not None,
             "raft": self.consensus.status() if self.consensus is not None else None,
+            "tasks": self.tasks.status() if self.tasks is not None else None,
         }
 
     def peers(self) -> list[dict]:

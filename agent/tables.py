@@ -35,6 +35,10 @@ def format_status(s: dict) -> str:
         rows.append(("voters", ", ".join(raft.get("voters") or []) or "none yet"))
         if raft.get("why"):
             rows.append(("why", raft["why"]))
+    tasks = s.get("tasks")
+    if tasks:
+        rows.append(("tasks", "  ".join(f"{k} {tasks.get(k, 0)}" for k in ("queued", "running", "done", "failed", "pending"))
+                     + f"  (slots {tasks.get('slots')}; kinds {', '.join(tasks.get('kinds') or [])})"))
     drops = s.get("drops") or {}
     if drops:
         rows.append(("dropped", "  ".join(f"{k} {v}" for k, v in sorted(drops.items()))))

@@ -284,7 +284,7 @@ class Tasks:
                    max_attempts: int, key: str) -> TaskSpec:
         """A checked spec, or TaskError (exit 2) naming the bad field."""
         tid = self.engine.new_task_id(key)
-        spec = TaskSpec(tid, kind, args, tuple(caps), priority, timeout_s, max_attempts, key or tid,
+        spec = TaskSpec(tid, kind, args, tuple(caps), priority, timeout_s, max_attempts, key,
                         strategy or self.config.tasks.strategy, self.node_id, int(time.time() * 1000))
         try:
             return check_spec(spec)
@@ -365,6 +365,7 @@ class Tasks:
             for to in sorted(self.engine.ctx.view):
                 msg = ListReq(rid, state, node)
                 if to == self.node_id:
+                    self._clock()
                     self.engine.step(self.node_id, msg)
                     self._flush()
                 else:
