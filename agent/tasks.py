@@ -82,6 +82,22 @@ def member_info(node: str, meta: bytes, incarnation: int) -> MemberInfo:
     )
 
 
+class _Listing:
+    """The answers to one ListReq sent to `expected` members."""
+
+    def __init__(self, expected: int, complete: asyncio.Future):
+        self.expected = expected
+        self.complete = complete
+        self.items: list = []
+        self.finished = 0
+
+    def add(self, msg: ListReply) -> None:
+        self.items.extend(msg.items)
+        self.finished += msg.last
+        if self.finished >= self.expected and not self.complete.done():
+            self.complete.set_result(None)
+
+
 class Tasks:
     def __init__(self, config: Config, node_id: str, boot: int, keys, endpoint: CoapEndpoint, membership, drops: Counters):
         self.config = config
@@ -98,7 +114,7 @@ class Tasks:
         self.sealer = Sealer(config.node.mesh, keys, node_id, boot, max_packet=TASK_MAX_PACKET, purpose="tasks")
         self.opener = Opener(config.node.mesh, keys, drops, max_datagram=TASK_MAX_DATAGRAM, purpose="tasks")
         self.waits: dict[int, asyncio.Future] = {}
-        self.list_answers: dict[int, list] = {}
+        self.listings: dict[int, _Listing] = {}
         self.rid = random.getrandbits(32)
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
@@ -237,8 +253,9 @@ class Tasks:
     def _client_answer(self, msg) -> bool:
         """Answers to our own API requests resolve the waiting request."""
         if isinstance(msg, ListReply):
-            if msg.rid in self.list_answers:
-                self.list_answers[msg.rid].extend(msg.items)
+            listing = self.listings.get(msg.rid)
+            if listing is not None:
+                listing.add(msg)
             return True
         if isinstance(msg, SubmitReply | QueryReply | CancelReply):
             fut = self.waits.get(msg.rid)
@@ -357,12 +374,14 @@ class Tasks:
             raise TaskError(f"cannot cancel {task_id}: {answer.reason}", 3)
 
     async def list(self, state: str = "", node: str = "") -> list[dict]:
-        """Tasks known to every alive member (each answers for the records it holds), newest first."""
+        """Tasks known to every alive member (each answers for the records it holds),
+        newest first; returns as soon as every member has answered, or at the timeout."""
         self.rid = (self.rid + 1) & 0xFFFFFFFF
         rid = self.rid
-        self.list_answers[rid] = []
+        members = sorted(self.engine.ctx.view)
+        listing = self.listings[rid] = _Listing(len(members), asyncio.get_running_loop().create_future())
         try:
-            for to in sorted(self.engine.ctx.view):
+            for to in members:
                 msg = ListReq(rid, state, node)
                 if to == self.node_id:
                     self._clock()
@@ -370,12 +389,14 @@ class Tasks:
                     self._flush()
                 else:
                     self._send(to, msg)
-            await asyncio.sleep(min(1.0, self.config.tasks.request_timeout_ms / 4000))
-            items = self.list_answers[rid]
+            try:
+                await asyncio.wait_for(asyncio.shield(listing.complete), self.config.tasks.request_timeout_ms / 1000)
+            except asyncio.TimeoutError:
+                pass
         finally:
-            del self.list_answers[rid]
+            del self.listings[rid]
         best: dict[str, tuple] = {}
-        for it in items:
+        for it in listing.items:
             old = best.get(it[0])
             if old is None or (it[2] in TERMINAL, it[4]) > (old[2] in TERMINAL, old[4]):
                 best[it[0]] = it

@@ -246,8 +246,9 @@ class Coordinator:
                 if (not msg.state or r.state == msg.state) and (not msg.node or r.executor == msg.node)]
         recs.sort(key=lambda r: r.spec.submitted_ms, reverse=True)
         items = [(r.spec.id, r.spec.kind, r.state, r.executor, r.attempt, r.spec.submitted_ms) for r in recs[: MAX_BATCH * LIST_REPLIES]]
-        for i in range(0, max(1, len(items)), MAX_BATCH):
-            self.ctx.send(frm, ListReply(msg.rid, tuple(items[i : i + MAX_BATCH])))
+        starts = range(0, max(1, len(items)), MAX_BATCH)
+        for i in starts:
+            self.ctx.send(frm, ListReply(msg.rid, tuple(items[i : i + MAX_BATCH]), i == starts[-1]))
 
     def on_cancel(self, frm: str, msg: Cancel) -> None:
         rec = self.records.get(msg.task_id)

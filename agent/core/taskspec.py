@@ -517,11 +517,13 @@ class ListReq:
 
 @dataclass(frozen=True, slots=True)
 class ListReply:
-    """(task id, kind, state, executor, attempt, submitted_ms) per task."""
+    """(task id, kind, state, executor, attempt, submitted_ms) per task. `last`
+    marks a node's final reply, so the asker stops waiting once all answered."""
 
     T = 21
     rid: int
     items: tuple[tuple[str, str, str, str, int, int], ...]
+    last: bool = True
 
 
 def to_wire(msg) -> dict:
@@ -648,5 +650,5 @@ def decode_message(data: bytes):
             if not isinstance(b, str) or not KIND_RE.fullmatch(b) or c not in STATES or not isinstance(d, str):
                 raise BadMessage("bad_field", "list item")
             items.append((_tid(a, w), b, c, check_node_id(d) if d else "", _count(e, w), _count(f, w)))
-        return ListReply(_uint(m, "rid", w), tuple(items))
+        return ListReply(_uint(m, "rid", w), tuple(items), _get(m, "last", bool, w))
     raise BadMessage("unknown_type", repr(t)[:20])
