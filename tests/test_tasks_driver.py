@@ -1,5 +1,6 @@
 """The task driver with real agents on loopback: the local queue survives an
-agent restart (journal in the data dir), and a result outlives its executor."""
+agent restart (journal in the data dir), and finished results survive a
+restart of the whole mesh."""
 
 from __future__ import annotations
 
@@ -58,6 +59,17 @@ def test_a_queue_survives_an_agent_restart_and_every_task_finishes(tmp_path):
             assert [r.state for r in records] == ["done"] * 6, [(r.spec.id, r.state, r.history) for r in records]
             assert {r.result.node for r in records} == {"n3"}
             assert all(r.result.stdout == b"ok\n" for r in records)
+
+            # the whole mesh restarts: finished records come back from the home members' journals
+            for a in agents:
+                a.stop()
+            await asyncio.wait_for(asyncio.gather(*runs.values(), return_exceptions=True), 15)
+            agents[:] = [_agent(tmp_path, 1), _agent(tmp_path, 2), _agent(tmp_path, 3, slow_here=True)]
+            runs.clear()
+            runs.update({a.node_id: asyncio.create_task(a.run()) for a in agents})
+            assert await _until(lambda: all(len(a.core.members) == 3 for a in agents), 10)
+            again = [await agents[1].tasks.get(t) for t in ids]
+            assert [(r.state, r.result) for r in again] == [(r.state, r.result) for r in records]
         finally:
             for a in agents:
                 a.stop()

@@ -16,8 +16,9 @@ from agent.core.taskctx import Ctx
 from agent.core.taskspec import (
     MAX_BATCH, TERMINAL, Assign, Bid, CallForBids, Cancel, CancelReply, Check, CheckReply, Done, DoneAck, Event,
     ListReply, ListReq, Query, QueryReply, Record, ReplicaAck, Replicate, Result, Revoke, Submit, SubmitReply,
-    Update, newer,
+    Update, newer, record_from_wire,
 )
+from agent.messages import BadMessage
 
 MAX_BIDDERS = 16  #: members asked for a bid in one auction round
 RECENT_MS = 3000  #: own assignments count as queued at their executor this long (gossip lags)
@@ -58,6 +59,8 @@ class Coordinator:
     def _store(self, rec: Record, push: bool = True) -> None:
         self.records[rec.spec.id] = rec
         self.active.add(rec.spec.id)
+        if rec.state in TERMINAL:  # results outlive a restart of the whole mesh
+            self.ctx.journal.append((f"d:{rec.spec.id}", rec.to_wire()))
         if push:
             self._push(rec)
 
@@ -378,9 +381,25 @@ class Coordinator:
         return bool(home) and all(acked.get(n, -1) >= rec.version for n in home)
 
     def _forget(self, tid: str) -> None:
+        rec = self.records.get(tid)
+        if rec is not None and rec.state in TERMINAL:
+            self.ctx.journal.append((f"d:{tid}", None))
         for d in (self.records, self.acks, self.assigned_at, self.auctions):
             d.pop(tid, None)
         self.active.discard(tid)
+
+    def restore(self, journal) -> None:
+        """Finished records kept on disk ("d:<id>"): they are handed on again like any other."""
+        for key, value in journal.items():
+            if not key.startswith("d:"):
+                continue
+            try:
+                rec = record_from_wire(value)
+            except BadMessage:
+                self.ctx.counters.inc("task_journal_bad_entry")
+                continue
+            self.records[rec.spec.id] = rec
+            self.active.add(rec.spec.id)
 
     def _evict(self) -> None:
         """Keep at most keep_results finished records, dropping the oldest."""

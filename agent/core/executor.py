@@ -335,7 +335,7 @@ class Executor:
                     self.queue[tid] = Local(spec, int(value["at"]), str(value["coord"]), "restart", None, self.seq,
                                             self.ctx.now + 3 * self.ctx.s.check_ms)
                     self.announce.append(tid)
-                elif kind == "r":
+                elif kind == "r":  # "d:" entries are the coordinator's
                     res = result_from_wire(value["res"])
                     self.unacked[tid] = Unacked(res, spec_from_wire(value["spec"]), str(value["coord"]), self.ctx.now)
             except (BadMessage, KeyError, TypeError, ValueError):

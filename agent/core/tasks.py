@@ -99,6 +99,7 @@ class TaskEngine:
         self.exec.paused = True
 
     def restore(self, journal: Mapping[str, object]) -> None:
+        self.coord.restore(journal)
         self.exec.restore(journal)
 
     # ------------------------------------------------------------ outputs
