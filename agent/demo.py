@@ -87,12 +87,14 @@ def run_demo(n: int, base: str = "127.0.0.1", port: int = 5690, insecure: bool =
         raise ValueError(f"--nodes {n}: expected 2 to {MAX_NODES}")
     addrs = _addresses(base, n)
     workdir = Path(tempfile.mkdtemp(prefix="meshagent-demo-"))
-    # Auto voters, promoted after 2 s of health instead of 10 s, so the demo shows them grow.
-    (workdir / "empty.toml").write_text("[consensus]\nvoters = \"auto\"\nstabilization_ms = 2000\n")
+    # Auto voters, promoted after 2 s of health instead of 10 s, so the demo shows them grow;
+    # all agents share this host, so each counts only its own process tree as its load.
+    (workdir / "empty.toml").write_text("[consensus]\nvoters = \"auto\"\nstabilization_ms = 2000\n\n[load]\ncpu_scope = \"tree\"\n")
     print(f"starting {n} agents on {addrs[0]}..{addrs[-1]} port {port}; logs in {workdir} (Ctrl-C stops them)")
     procs = _start(addrs, port, workdir, insecure)
     keyarg = "" if insecure else f" --fleet-key-file {workdir / 'fleet.key'} --mesh demo"
     print(f"try, in another shell: meshagent kv put greeting hello --agent {addrs[-1]}:{port}{keyarg}")
+    print(f"                        meshagent submit sysinfo --wait --agent {addrs[0]}:{port}{keyarg}")
     start = time.monotonic()
     converged_at = None
     try:
