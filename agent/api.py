@@ -61,6 +61,14 @@ TASKS_DISABLED = "tasks are disabled on this node (tasks.enabled = false)"
 _RESULT_EXIT = {"not-found": EXIT_NOT_FOUND}  #: state-machine errors; any other error is a refusal
 
 
+def _unopened(reason: str) -> str:
+    """Why a sealed request was refused, in the operator's words."""
+    if reason == "replay":
+        return ("the request was refused as a replay: its counter is not newer than this client's recent ones "
+                "(too many requests in flight from one client identity?)")
+    return f"the request is not sealed with this mesh's fleet key ({reason})"
+
+
 class ApiError(Exception):
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)
@@ -87,7 +95,7 @@ class Api:
         if sealed:
             opened = self.opener.open(payload)
             if opened is None:
-                return self._plain({"error": "the request is not sealed with this mesh's fleet key", "exit": 1})
+                return self._plain({"error": _unopened(self.opener.last_drop), "exit": 1})
             payload = opened[1]
         try:
             request = _decode(payload)

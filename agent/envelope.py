@@ -314,6 +314,7 @@ class Opener:
         self._aeads = {k.kid: ChaCha20Poly1305(k.key) for k in keys or ()}
         self._protected = _protected_header(mesh)
         self._aad = _enc_structure(self._protected, purpose)
+        self.last_drop = ""  #: why the last datagram that failed to open was dropped (a counter label)
 
     def open(self, datagram: bytes) -> tuple[str, bytes] | None:
         """(authenticated sender, packet bytes), or None after counting why not."""
@@ -321,9 +322,11 @@ class Opener:
             sender, boot, counter, packet = self._unwrap(datagram)
         except BadMessage as e:
             self.counters.inc(e.reason)
+            self.last_drop = e.reason
             return None
         if not self.window.accept(sender, boot, counter):
             self.counters.inc("replay")
+            self.last_drop = "replay"
             return None
         return sender, packet
 

@@ -299,6 +299,9 @@ class Coordinator:
         if rec.state in TERMINAL:
             return
         current = res.attempt == rec.attempt
+        if current and res.node != rec.executor:
+            # it moved and the news was lost (the thief's Update went to a coordinator that died)
+            rec = self._event(rec, "queued", res.node, f"moved from {rec.executor or 'nowhere'}", executor=res.node)
         if res.outcome == "ok" or (current and res.outcome == "failed"):
             if not current and rec.executor:
                 self.ctx.send(rec.executor, Revoke(rec.spec.id, rec.attempt, f"attempt {res.attempt} finished first"))
@@ -346,6 +349,7 @@ class Coordinator:
             if rec.executor in gone or rec.state == "pending":
                 self._drive(rec)
         self.next_sweep = 0
+        self.next_check = 0  # records we now coordinate: ask their executors at once
 
     def tick(self) -> None:
         now = self.ctx.now

@@ -180,8 +180,9 @@ class Executor:
         if msg.kind not in self.ctx.kinds or len(self.queue) >= s.max_queue:
             self.ctx.send(frm, Bid(msg.task_id, msg.round, 0, 1000, 0, 0))  # a decline: the auction need not wait for us
             return
-        load = self.ctx.load if self.ctx.load is not None else 0.5
+        # queued work counts as load: within a burst the CPU figure has not moved yet
         backlog = len(self.queue) / max(1, s.slots)
+        load = min(1.0, (self.ctx.load if self.ctx.load is not None else 0.5) + backlog)
         free = free_score(self.free_slots(), s.slots, self.ctx.mem_pct) / (1 + backlog)
         self.ctx.send(frm, Bid(msg.task_id, msg.round, _pm(cap_match(msg.caps, self.ctx.caps)), _pm(load),
                                _pm(self.perf.score(msg.kind)), _pm(free)))
@@ -194,6 +195,7 @@ class Executor:
             self.ctx.counters.inc("task_unknown_finish")
             return
         del self.running[tid]
+        self.steal_backoff, self.next_steal = 1, self.ctx.now  # idle afresh: ask at once, not after a long backoff
         self.perf.record(local.spec.kind, result.outcome == "ok", max(0, result.finished_ms - result.started_ms))
         self.ctx.journal.append((f"q:{tid}", None))
         if tid not in self.queue:  # a newer attempt may already wait here
