@@ -65,7 +65,10 @@ class Coordinator:
             self._push(rec)
 
     def _event(self, rec: Record, what: str, node: str = "", detail: str = "", **changes) -> Record:
-        new = rec.with_event(Event(self.ctx.wall, what, node or self.ctx.me, detail[:48]), **changes)
+        return self._store_event(rec, Event(self.ctx.wall, what, node or self.ctx.me, detail[:48]), **changes)
+
+    def _store_event(self, rec: Record, ev: Event, **changes) -> Record:
+        new = rec.with_event(ev, **changes)
         self._store(new)
         return new
 
@@ -302,6 +305,8 @@ class Coordinator:
         if current and res.node != rec.executor:
             # it moved and the news was lost (the thief's Update went to a coordinator that died)
             rec = self._event(rec, "queued", res.node, f"moved from {rec.executor or 'nowhere'}", executor=res.node)
+        if current and rec.state == "queued" and res.started_ms:  # its "running" Update is late or lost
+            rec = self._store_event(rec, Event(res.started_ms, "started", res.node, ""), state="running")
         if res.outcome == "ok" or (current and res.outcome == "failed"):
             if not current and rec.executor:
                 self.ctx.send(rec.executor, Revoke(rec.spec.id, rec.attempt, f"attempt {res.attempt} finished first"))
