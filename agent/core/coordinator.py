@@ -9,18 +9,19 @@ need no attention (finished, and every home member has this version) are
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from agent.core.placement import Candidate, best_bid, cap_match, choose_capability
 from agent.core.taskctx import Ctx
 from agent.core.taskspec import (
-    MAX_BATCH, TERMINAL, Assign, Bid, CallForBids, Cancel, CancelReply, Check, CheckReply, Done, DoneAck, Event,
+    MAX_BATCH, MAX_REASON, TERMINAL, Assign, Bid, CallForBids, Cancel, CancelReply, Check, CheckReply, Done, DoneAck, Event,
     ListReply, ListReq, Query, QueryReply, Record, ReplicaAck, Replicate, Result, Revoke, Submit, SubmitReply,
     Update, newer, record_from_wire,
 )
 from agent.messages import BadMessage
 
 MAX_BIDDERS = 16  #: members asked for a bid in one auction round
+MAX_LOST = 20  #: lost assignments forgiven per task (each still takes an attempt number)
 RECENT_MS = 3000  #: own assignments count as queued at their executor this long (gossip lags)
 LIST_REPLIES = 8  #: ListReply messages one ListReq is answered with at most
 
@@ -38,10 +39,13 @@ class Coordinator:
         self.ctx = ctx
         self.records: dict[str, Record] = {}
         self.acks: dict[str, dict[str, int]] = {}  #: task -> member -> version it acknowledged
-        self.active: set[str] = set()  #: records that are not settled
+        self.active: dict[str, None] = {}  #: records that are not settled (a dict: ordered, so runs replay)
         self.auctions: dict[str, Auction] = {}
         self.assigned_at: dict[str, int] = {}  #: task -> when its current attempt was handed out or confirmed
         self.recent: dict[str, list[int]] = {}  #: executor -> times we assigned to it lately
+        self.awaiting: dict[str, tuple[str, int]] = {}  #: task -> (origin, rid) answered at the first replica ack
+        self.confirmed: dict[str, int] = {}  #: task -> latest attempt its executor confirmed having
+        self.lost: dict[str, int] = {}  #: task -> attempts that never reached an executor (not counted)
         self.next_sweep = 0
         self.next_check = 0
         self.handlers = {
@@ -58,7 +62,7 @@ class Coordinator:
 
     def _store(self, rec: Record, push: bool = True) -> None:
         self.records[rec.spec.id] = rec
-        self.active.add(rec.spec.id)
+        self.active[rec.spec.id] = None
         if rec.state in TERMINAL:  # results outlive a restart of the whole mesh
             self.ctx.journal.append((f"d:{rec.spec.id}", rec.to_wire()))
         if push:
@@ -73,12 +77,15 @@ class Coordinator:
         return new
 
     def _push(self, rec: Record) -> None:
-        """Send the record to home members that lack this version: all of them
-        from the coordinator, only the coordinator from anyone else (handoff)."""
+        """Send the record to home members that lack this version: the
+        coordinator to all of them, a replica to the coordinator, and a holder
+        that is no home member any more to all of them (handoff, after which it
+        forgets the record)."""
         home = self.ctx.home(rec.spec)
         if not home:
             return
-        targets = home[1:] if home[0] == self.ctx.me else home[:1]
+        me = self.ctx.me
+        targets = home[1:] if home[0] == me else home[:1] if me in home else home
         acked = self.acks.setdefault(rec.spec.id, {})
         for node in targets:
             if acked.get(node, -1) < rec.version:
@@ -112,17 +119,24 @@ class Coordinator:
             self._retry(rec, f"{rec.executor} is gone")
 
     def _retry(self, rec: Record, why: str) -> None:
+        tid = rec.spec.id
         if rec.executor and rec.executor in self.ctx.view:
-            self.ctx.send(rec.executor, Revoke(rec.spec.id, rec.attempt, why[:120]))
-        if rec.attempt >= rec.spec.max_attempts:
-            self._give_up(rec, f"{rec.attempt} attempts used; last: {why}")
+            self.ctx.send(rec.executor, Revoke(tid, rec.attempt, why[:120]))
+        if rec.attempt and self.confirmed.get(tid) != rec.attempt and self.lost.get(tid, 0) < MAX_LOST:
+            self.lost[tid] = self.lost.get(tid, 0) + 1  # it never reached its executor: no run to count
+        if self._used(rec) >= rec.spec.max_attempts:
+            self._give_up(rec, f"{self._used(rec)} attempts used; last: {why}")
             return
         rec = self._event(rec, "retried", detail=why, state="pending", executor="")
         self._place(rec, "retried")
 
+    def _used(self, rec: Record) -> int:
+        """Attempts that count against max_attempts: those that reached an executor."""
+        return rec.attempt - self.lost.get(rec.spec.id, 0)
+
     def _place(self, rec: Record, via: str) -> None:
-        if rec.attempt >= rec.spec.max_attempts:
-            self._give_up(rec, f"{rec.attempt} attempts used")
+        if self._used(rec) >= rec.spec.max_attempts:
+            self._give_up(rec, f"{self._used(rec)} attempts used")
             return
         strategy = rec.spec.strategy or self.ctx.s.strategy
         if strategy == "auction":
@@ -207,15 +221,22 @@ class Coordinator:
             return
         why = self._unplaceable(spec)
         if why:
-            self.ctx.send(frm, SubmitReply(msg.rid, spec.id, False, why))
+            self.ctx.send(frm, SubmitReply(msg.rid, spec.id, False, why[:MAX_REASON]))
             return
         if len(self.active) >= self.ctx.s.max_queue:
             self.ctx.send(frm, SubmitReply(msg.rid, spec.id, False, f"{len(self.active)} unfinished tasks held here (tasks.max_queue)"))
             return
         rec = Record(spec, "pending", 0, "", 1, (Event(self.ctx.wall, "submitted", spec.origin or frm, ""),))
-        self._store(rec)
+        self._store(rec, push=False)
+        home = self.ctx.home(spec)
+        if len([n for n in home if n != self.ctx.me]) == 0:
+            self.ctx.send(frm, SubmitReply(msg.rid, spec.id, True, ""))
+        else:  # accepted once a second home member keeps it: one crash then loses nothing
+            self.awaiting[spec.id] = (frm, msg.rid)
+            for node in home:
+                if node != self.ctx.me:
+                    self.ctx.send(node, Replicate(rec))
         self._drive(rec)
-        self.ctx.send(frm, SubmitReply(msg.rid, spec.id, True, ""))
 
     def _unplaceable(self, spec) -> str:
         """Why no alive member can run `spec`, or "" when one can."""
@@ -233,6 +254,12 @@ class Coordinator:
         tid = incoming.spec.id
         mine = self.records.get(tid)
         keep = incoming if mine is None else newer(mine, incoming)
+        if mine is not None and keep.version < max(mine.version, incoming.version):
+            # the merge kept the lower version (a lower attempt's result): number it above both,
+            # so every member that acknowledged the higher one hears it
+            keep = replace(keep, version=max(mine.version, incoming.version) + 1)
+        acked = self.acks.setdefault(tid, {})
+        acked[frm] = max(acked.get(frm, -1), incoming.version)
         if keep != mine:
             self._store(keep, push=False)
             self._drive(keep)
@@ -243,6 +270,9 @@ class Coordinator:
     def on_replica_ack(self, frm: str, msg: ReplicaAck) -> None:
         acked = self.acks.setdefault(msg.task_id, {})
         acked[frm] = max(acked.get(frm, -1), msg.version)
+        waiting = self.awaiting.pop(msg.task_id, None)
+        if waiting is not None:
+            self.ctx.send(waiting[0], SubmitReply(waiting[1], msg.task_id, True, ""))
 
     def on_query(self, frm: str, msg: Query) -> None:
         self.ctx.send(frm, QueryReply(msg.rid, self.records.get(msg.task_id)))
@@ -281,6 +311,7 @@ class Coordinator:
             self.ctx.send(frm, Revoke(msg.task_id, msg.attempt, f"task is {rec.state}, attempt {rec.attempt}"))
             return
         self.assigned_at[msg.task_id] = self.ctx.now
+        self.confirmed[msg.task_id] = msg.attempt
         if frm != rec.executor:
             what, _, giver = msg.via.partition(":")
             rec = self._event(rec, what if what in ("stolen", "migrated") else "queued", frm, f"from {giver or rec.executor}", executor=frm)
@@ -332,6 +363,7 @@ class Coordinator:
                 continue
             if state in ("queued", "running", "finished"):
                 self.assigned_at[tid] = self.ctx.now
+                self.confirmed[tid] = attempt
             elif state == "moved" and moved_to:
                 self._event(rec, "queued", moved_to, f"moved from {frm}", executor=moved_to)
                 self.assigned_at[tid] = self.ctx.now
@@ -348,7 +380,7 @@ class Coordinator:
 
     def members_changed(self, gone: set[str]) -> None:
         """Homes may have moved: every record needs a look (rare: joins and deaths)."""
-        self.active.update(self.records)
+        self.active.update(dict.fromkeys(self.records))
         for tid in list(self.records):
             rec = self.records[tid]
             if rec.executor in gone or rec.state == "pending":
@@ -371,12 +403,12 @@ class Coordinator:
         for tid in list(self.active):
             rec = self.records.get(tid)
             if rec is None:
-                self.active.discard(tid)
+                self.active.pop(tid, None)
                 continue
             self._drive(rec)
             rec = self.records[tid]
             if self._settled(rec):
-                self.active.discard(tid)
+                self.active.pop(tid, None)
             elif self.ctx.me not in self.ctx.home(rec.spec) and self._settled_elsewhere(rec):
                 self._forget(tid)
             else:
@@ -393,9 +425,9 @@ class Coordinator:
         rec = self.records.get(tid)
         if rec is not None and rec.state in TERMINAL:
             self.ctx.journal.append((f"d:{tid}", None))
-        for d in (self.records, self.acks, self.assigned_at, self.auctions):
+        for d in (self.records, self.acks, self.assigned_at, self.auctions, self.awaiting, self.confirmed, self.lost):
             d.pop(tid, None)
-        self.active.discard(tid)
+        self.active.pop(tid, None)
 
     def restore(self, journal) -> None:
         """Finished records kept on disk ("d:<id>"): they are handed on again like any other."""
@@ -408,7 +440,7 @@ class Coordinator:
                 self.ctx.counters.inc("task_journal_bad_entry")
                 continue
             self.records[rec.spec.id] = rec
-            self.active.add(rec.spec.id)
+            self.active[rec.spec.id] = None
 
     def _evict(self) -> None:
         """Keep at most keep_results finished records, dropping the oldest."""

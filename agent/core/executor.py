@@ -234,7 +234,8 @@ class Executor:
     def _movable(self) -> list[Local]:
         """Queued tasks allowed to move, the ones that would wait longest first."""
         now, stay = self.ctx.now, self.ctx.s.min_stay_ms
-        ok = [t for t in self.queue.values() if t.moved_ms is None or now - t.moved_ms >= stay]
+        ok = [t for t in self.queue.values() if (t.moved_ms is None or now - t.moved_ms >= stay)
+              and (t.hold_until is None or now >= t.hold_until)]  # a held one may already run elsewhere
         return sorted(ok, key=lambda t: (t.spec.priority, -t.seq))
 
     def _fits(self, spec: TaskSpec, caps: tuple[str, ...]) -> bool:
