@@ -118,18 +118,25 @@ class Tasks:
         self.rid = random.getrandbits(32)
         self._loop_task: asyncio.Task | None = None
         self._stopping = False
+        self._view_signature: list = []
+        self._view_cache: dict[str, MemberInfo] = {}
         self._started = time.monotonic()
         self.sent_bytes = 0
+        self._restore()
         endpoint.add_channel(TASKS_PATH, self.on_datagram, rt="meshagent.tasks")
 
     # ------------------------------------------------------------ lifecycle
 
-    async def start(self) -> None:
+    def _restore(self) -> None:
+        """Before the /tasks channel can deliver anything: an Assign that arrived
+        first would otherwise be overwritten by the older journaled attempt."""
         restored = self.journal.open()
         self._clock()
         self.engine.restore(restored)
         if restored:
-            log.info("task queue restored from %s: %d entries", self.journal.path, len(restored))
+            log.info("task queue and results restored from %s: %d entries", self.journal.path, len(restored))
+
+    async def start(self) -> None:
         self._loop_task = asyncio.create_task(self._loop())
 
     async def stop(self) -> None:
@@ -158,8 +165,15 @@ class Tasks:
         self.engine.set_time(int((time.monotonic() - self._started) * 1000), int(time.time() * 1000))
 
     def _view(self) -> dict[str, MemberInfo]:
-        return {m.node: member_info(m.node, m.meta, m.incarnation) for m in self.membership.members.values()
-                if m.status in (Status.ALIVE, Status.SUSPECT) and m.node != self.node_id}
+        """Alive members as the engine sees them; rebuilt only when a member's
+        status or incarnation (which every meta change bumps) moved."""
+        members = [m for m in self.membership.members.values()
+                   if m.status in (Status.ALIVE, Status.SUSPECT) and m.node != self.node_id]
+        signature = [(m.node, m.incarnation) for m in members]
+        if signature != self._view_signature:
+            self._view_signature = signature
+            self._view_cache = {m.node: member_info(m.node, m.meta, m.incarnation) for m in members}
+        return self._view_cache
 
     def set_load(self, cpu_pct: float | None, mem_pct: float | None) -> None:
         self.engine.set_load(None if cpu_pct is None else min(1.0, cpu_pct / 100), mem_pct)

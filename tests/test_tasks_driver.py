@@ -15,7 +15,7 @@ PORT = 56971
 KEYS = [FleetKey.generate()]
 
 
-def _agent(tmp_path, i, slow_here=False):
+def _agent(tmp_path, i, slow_here=False, boot=1):
     config = tmp_path / f"agent{i}.toml"
     text = ""
     if slow_here:  # only this node can run `slow`, one at a time: its queue grows
@@ -27,7 +27,7 @@ def _agent(tmp_path, i, slow_here=False):
         "discovery.mdns": False, "consensus.enabled": False, "discovery.seeds": [f"127.0.0.111:{PORT}"],
         "tasks.slots": 1, "tasks.steal": False,
     })
-    return Agent(loaded.config, Identity(f"n{i}", 1), KEYS)
+    return Agent(loaded.config, Identity(f"n{i}", boot), KEYS)
 
 
 async def _until(pred, seconds):
@@ -50,13 +50,13 @@ def test_a_queue_survives_an_agent_restart_and_every_task_finishes(tmp_path):
             assert await _until(lambda: busy.tasks.engine.queued_count() >= 3, 5)
             busy.stop()
             await runs.pop(busy.node_id)
-            again = _agent(tmp_path, 3, slow_here=True)
+            again = _agent(tmp_path, 3, slow_here=True, boot=2)
             agents[2] = again
             runs[again.node_id] = asyncio.create_task(again.run())
             await again.ready.wait()
             assert again.tasks.journal.stats["live"] >= 3  # the queue came back from the journal
             records = [await client.wait(t, 30) for t in ids]
-            assert [r.state for r in records] == ["done"] * 6, [(r.spec.id, r.state, r.history) for r in records]
+            assert [r.state for r in records] == ["done"] * 6, [(r.spec.id, r.state, [(e.what, e.node, e.detail) for e in r.history], r.result) for r in records if r.state != "done"]
             assert {r.result.node for r in records} == {"n3"}
             assert all(r.result.stdout == b"ok\n" for r in records)
 
@@ -64,7 +64,7 @@ def test_a_queue_survives_an_agent_restart_and_every_task_finishes(tmp_path):
             for a in agents:
                 a.stop()
             await asyncio.wait_for(asyncio.gather(*runs.values(), return_exceptions=True), 15)
-            agents[:] = [_agent(tmp_path, 1), _agent(tmp_path, 2), _agent(tmp_path, 3, slow_here=True)]
+            agents[:] = [_agent(tmp_path, 1, boot=2), _agent(tmp_path, 2, boot=2), _agent(tmp_path, 3, slow_here=True, boot=3)]
             runs.clear()
             runs.update({a.node_id: asyncio.create_task(a.run()) for a in agents})
             assert await _until(lambda: all(len(a.core.members) == 3 for a in agents), 10)

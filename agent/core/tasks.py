@@ -57,6 +57,7 @@ class TaskEngine:
         self.ctx = Ctx(node_id, settings, rng, kinds, caps, counters)
         self.coord = Coordinator(self.ctx)
         self.exec = Executor(self.ctx)
+        self._last_view: Mapping[str, MemberInfo] | None = None
 
     # ------------------------------------------------------------ inputs
 
@@ -64,6 +65,10 @@ class TaskEngine:
         self.ctx.now, self.ctx.wall = now_ms, wall_ms
 
     def set_view(self, members: Mapping[str, MemberInfo]) -> None:
+        own = self.ctx.view[self.ctx.me]
+        if members is self._last_view and (own.queued, own.load) == (self.exec.queued_count(), self.ctx.load):
+            return  # nothing changed since the last call (the driver hands the same object back)
+        self._last_view = members
         view = dict(members)
         me = self.ctx.me
         view[me] = MemberInfo(me, self.ctx.caps, frozenset(self.ctx.kinds), self.ctx.load, self.exec.queued_count(), self.ctx.mem_pct)
