@@ -46,7 +46,7 @@ log = logging.getLogger("meshagent.tasks")
 TASKS_PATH = ("tasks",)
 TASK_MAX_DATAGRAM = 4000  #: like Raft's: within aiocoap's 4096-byte receive buffer
 TASK_MAX_PACKET = TASK_MAX_DATAGRAM - ENVELOPE_OVERHEAD
-TICK_S = 0.05
+TICK_S = 0.1  #: engine timers (bids, steals, checks) are 300 ms and up; messages are handled at once
 MAX_CLIENT_WAITS = 1024  #: API requests waiting for an answer from a peer at once
 
 
