@@ -46,6 +46,7 @@ class Coordinator:
         self.awaiting: dict[str, tuple[str, int]] = {}  #: task -> (origin, rid) answered at the first replica ack
         self.confirmed: dict[str, int] = {}  #: task -> latest attempt its executor confirmed having
         self.lost: dict[str, int] = {}  #: task -> attempts that never reached an executor (not counted)
+        self.quiet_until = 0  #: no placing or retrying of records from elsewhere before this
         self.next_sweep = 0
         self.next_check = 0
         self.handlers = {
@@ -109,9 +110,14 @@ class Coordinator:
 
     # ------------------------------------------------------------ placement
 
-    def _drive(self, rec: Record) -> None:
-        """Do what a record in its state needs next, if we coordinate it."""
+    def _drive(self, rec: Record, fresh: bool = False) -> None:
+        """Do what a record in its state needs next, if we coordinate it. Right
+        after a view change we wait (`quiet_until`) before placing or retrying
+        records we did not create: the newer copies the other home members hold
+        reach us first, so two coordinators do not place the same attempt."""
         if rec.state in TERMINAL or not self.is_coordinator(rec):
+            return
+        if not fresh and self.ctx.now < self.quiet_until:
             return
         if rec.state == "pending" and rec.spec.id not in self.auctions:
             self._place(rec, "retried" if rec.attempt else "placed")
@@ -236,7 +242,7 @@ class Coordinator:
             for node in home:
                 if node != self.ctx.me:
                     self.ctx.send(node, Replicate(rec))
-        self._drive(rec)
+        self._drive(rec, fresh=True)
 
     def _unplaceable(self, spec) -> str:
         """Why no alive member can run `spec`, or "" when one can."""
@@ -312,6 +318,8 @@ class Coordinator:
             return
         self.assigned_at[msg.task_id] = self.ctx.now
         self.confirmed[msg.task_id] = msg.attempt
+        if msg.via == "restart" and frm == rec.executor and self.is_coordinator(rec):
+            self.ctx.send(frm, Check(((msg.task_id, msg.attempt),)))  # our word: it may run it
         if frm != rec.executor:
             what, _, giver = msg.via.partition(":")
             rec = self._event(rec, what if what in ("stolen", "migrated") else "queued", frm, f"from {giver or rec.executor}", executor=frm)
@@ -361,6 +369,8 @@ class Coordinator:
             rec = self.records.get(tid)
             if rec is None or rec.state in TERMINAL or rec.attempt != attempt or rec.executor != frm:
                 continue
+            if not self.is_coordinator(rec):
+                continue  # we asked before the view changed; the coordinator now decides
             if state in ("queued", "running", "finished"):
                 self.assigned_at[tid] = self.ctx.now
                 self.confirmed[tid] = attempt
@@ -379,7 +389,10 @@ class Coordinator:
                 acked.pop(n, None)
 
     def members_changed(self, gone: set[str]) -> None:
-        """Homes may have moved: every record needs a look (rare: joins and deaths)."""
+        """Homes may have moved: every record needs a look (rare: joins and deaths).
+        A member that left or died forgot what it acknowledged if it comes back."""
+        self.members_restarted(gone)
+        self.quiet_until = self.ctx.now + self.ctx.s.resend_ms
         self.active.update(dict.fromkeys(self.records))
         for tid in list(self.records):
             rec = self.records[tid]
@@ -407,10 +420,10 @@ class Coordinator:
                 continue
             self._drive(rec)
             rec = self.records[tid]
-            if self._settled(rec):
+            if self.ctx.me not in self.ctx.home(rec.spec) and self._settled_elsewhere(rec):
+                self._forget(tid)  # handed on: a stale copy must not linger as a second opinion
+            elif self._settled(rec):
                 self.active.pop(tid, None)
-            elif self.ctx.me not in self.ctx.home(rec.spec) and self._settled_elsewhere(rec):
-                self._forget(tid)
             else:
                 self._push(rec)
         self._evict()

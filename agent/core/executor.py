@@ -27,6 +27,7 @@ from agent.messages import BadMessage
 MAX_UNACKED = 1024  #: finished results kept for resending until acknowledged
 MAX_MOVED = 1024  #: recent hand-offs remembered to answer a coordinator's Check
 HANDOFF_BUDGET = 3300  #: bytes of task specs in one Handoff (the datagram holds 4000 sealed)
+HOLD_CHECKS = 10  #: check periods a restored task waits for its coordinator's word at most
 STEAL_BACKOFF_MAX = 8  #: an unanswered or empty steal stretches the interval up to this factor
 
 
@@ -64,7 +65,8 @@ class Executor:
         self.next_steal = 0
         self.steal_backoff = 1
         self.next_balance = 0
-        self.announce: list[str] = []  #: restored tasks to report on the next tick
+        self.announce: list[str] = []  #: restored tasks to report until their coordinator answers
+        self.next_announce = 0
         self.paused = False  #: shutting down: start nothing more
         self.handlers = {
             Assign: self.on_assign, Revoke: self.on_revoke, DoneAck: self.on_done_ack, Check: self.on_check,
@@ -309,11 +311,8 @@ class Executor:
 
     def tick(self) -> None:
         now = self.ctx.now
-        for tid in self.announce:
-            local = self.queue.get(tid)
-            if local is not None:
-                self.ctx.send(local.coord, Update(tid, local.attempt, "queued", local.via))
-        self.announce = []
+        if self.announce and now >= self.next_announce:
+            self._announce()
         for held in self.unacked.values():
             if now >= held.due:
                 held.due = now + self.ctx.s.resend_ms
@@ -323,12 +322,27 @@ class Executor:
         self._balance()
         self._schedule()
 
+    def _announce(self) -> None:
+        """Tell the coordinators about restored tasks, again every resend_ms while
+        they are held: their answer (a Check, or a Revoke) may be lost."""
+        self.next_announce = self.ctx.now + self.ctx.s.resend_ms
+        held = []
+        for tid in self.announce:
+            local = self.queue.get(tid)
+            if local is not None and local.hold_until is not None and self.ctx.now < local.hold_until:
+                home = self.ctx.home(local.spec)
+                for node in sorted({local.coord, *home[:1]} - {""}):
+                    self.ctx.send(node, Update(tid, local.attempt, "queued", "restart"))
+                held.append(tid)
+        self.announce = held
+
     def restore(self, journal) -> None:
         """Reload the queue and unacknowledged results. A run that was going on
         when the agent stopped is queued again (at least once). Restored tasks
         wait for their coordinator's Check (or a Revoke, if it placed them
-        elsewhere meanwhile) for up to 3 check periods before they start, so a
-        restart does not run a task that already runs somewhere else."""
+        elsewhere meanwhile) before they start, so a restart does not run a task
+        that already runs somewhere else; after HOLD_CHECKS check periods with
+        no word at all the coordinator must have lost the record, and they run."""
         for key, value in journal.items():
             try:
                 kind, _, tid = key.partition(":")
@@ -336,7 +350,7 @@ class Executor:
                     spec = spec_from_wire(value["spec"])
                     self.seq += 1
                     self.queue[tid] = Local(spec, int(value["at"]), str(value["coord"]), "restart", None, self.seq,
-                                            self.ctx.now + 3 * self.ctx.s.check_ms)
+                                            self.ctx.now + HOLD_CHECKS * self.ctx.s.check_ms)
                     self.announce.append(tid)
                 elif kind == "r":  # "d:" entries are the coordinator's
                     res = result_from_wire(value["res"])

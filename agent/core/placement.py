@@ -19,6 +19,8 @@ Nothing here reads a clock or the global random: the caller passes a seeded
 
 from __future__ import annotations
 
+import functools
+
 import random
 import re
 from collections import OrderedDict
@@ -33,6 +35,7 @@ _TIE = 1e-9  #: scores this close are equal (float noise), so ties go to the nod
 # ----------------------------------------------------------------- capabilities
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_cap(cap: str) -> tuple[str, str, str]:
     """(name, op, value) of `NAME`, `NAME=VALUE` or `NAME>=NUMBER`; op is "",
     "=" or ">=". ValueError for anything else."""
