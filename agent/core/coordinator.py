@@ -47,6 +47,7 @@ class Coordinator:
         self.confirmed: dict[str, int] = {}  #: task -> latest attempt its executor confirmed having
         self.lost: dict[str, int] = {}  #: task -> attempts that never reached an executor (not counted)
         self.quiet_until = 0  #: no placing or retrying of records from elsewhere before this
+        self.home_of: dict[str, tuple[str, ...]] = {}  #: task -> its home at the last view change
         self.next_sweep = 0
         self.next_check = 0
         self.handlers = {
@@ -62,6 +63,8 @@ class Coordinator:
         return bool(home) and home[0] == self.ctx.me
 
     def _store(self, rec: Record, push: bool = True) -> None:
+        if rec.spec.id not in self.home_of:
+            self.home_of[rec.spec.id] = tuple(self.ctx.home(rec.spec))
         self.records[rec.spec.id] = rec
         self.active[rec.spec.id] = None
         if rec.state in TERMINAL:  # results outlive a restart of the whole mesh
@@ -394,6 +397,14 @@ class Coordinator:
         self.members_restarted(gone)
         self.quiet_until = self.ctx.now + self.ctx.s.resend_ms
         self.active.update(dict.fromkeys(self.records))
+        for tid, rec in self.records.items():
+            home = tuple(self.ctx.home(rec.spec))
+            before = self.home_of.get(tid, home)
+            self.home_of[tid] = home
+            acked = self.acks.get(tid)
+            if acked:  # a member that (re)enters the home may have dropped its copy when it left
+                for node in set(home) - set(before):
+                    acked.pop(node, None)
         for tid in list(self.records):
             rec = self.records[tid]
             if rec.executor in gone or rec.state == "pending":
@@ -438,7 +449,7 @@ class Coordinator:
         rec = self.records.get(tid)
         if rec is not None and rec.state in TERMINAL:
             self.ctx.journal.append((f"d:{tid}", None))
-        for d in (self.records, self.acks, self.assigned_at, self.auctions, self.awaiting, self.confirmed, self.lost):
+        for d in (self.records, self.acks, self.assigned_at, self.auctions, self.awaiting, self.confirmed, self.lost, self.home_of):
             d.pop(tid, None)
         self.active.pop(tid, None)
 
