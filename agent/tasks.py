@@ -258,6 +258,7 @@ class Tasks:
             return
         try:
             self._clock()
+            self.engine.set_view(self._view())  # as fresh as the membership: cheap when nothing moved
             self.engine.step(sender, msg)
         except Exception:
             self.drops.inc("internal_error")
