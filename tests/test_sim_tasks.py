@@ -143,17 +143,11 @@ def test_ring_movement(seed):
 
 
 @pytest.mark.slow
-def test_steady_drawn_size():
-    """Seed 0 draws 125 nodes and 1708 tasks (other seeds up to 300 and 3000)."""
-    expect(run_tasks("steady", 0))
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("scenario, n", [
-    ("crashes", 16),
-    ("partition", 10),
-    ("steal", 10),
-    ("ring", 10),
+    ("crashes", 8),
+    ("partition", 6),
+    ("steal", 5),
+    ("ring", 5),
 ])
 def test_many_seeds(scenario, n):
     failures = [rep.failure() for seed in seeds(n, base=1000) if (rep := run_tasks(scenario, seed)).violations]
