@@ -54,26 +54,6 @@ def seeds(n: int, base: int = 0) -> list[int]:
     return list(range(base, base + max(1, int(n * SCALE))))
 
 
-#: Engine bugs this suite found that are still open (name -> what goes wrong). The
-#: scripted test reproducing each is a strict xfail, so it fails once the bug is
-#: fixed: then delete the entry. A scenario seed known to run into one is xfail
-#: (not strict: an engine change may move which seeds do).
-OPEN_BUGS: dict[str, str] = {
-    # none open; fixed ones keep their reproduction below as a regression test
-}
-
-
-def bug_marks(*names: str) -> list:
-    """For a scenario run that may hit these bugs: xfail (not strict) while any is open."""
-    still = [n for n in names if n in OPEN_BUGS]
-    return [pytest.mark.xfail(reason="open engine bug: " + "; ".join(OPEN_BUGS[n] for n in still), strict=False)] if still else []
-
-
-def repro_of(name: str):
-    """The reproduction of an open bug: strict, so the fix makes it fail (then delete the OPEN_BUGS entry)."""
-    return pytest.mark.xfail(name in OPEN_BUGS, reason=f"open engine bug: {OPEN_BUGS.get(name, '')}", strict=True)
-
-
 def scripted(test: str, seed: int) -> str:
     """The failure note of a scripted (not drawn) run: it replays by running the test again."""
     return f"scripted run, TaskSim seed={seed}; replay: pytest -q tests/test_sim_tasks.py::{test}"
@@ -114,7 +94,7 @@ def test_crashes(seed):
         assert any("crash" in e for e in rep.events) and rep.metrics["overlaps"] == 0
 
 
-@pytest.mark.parametrize("seed", [*seeds(2, base=3), pytest.param(2, marks=bug_marks("stale_holder_loss"))])
+@pytest.mark.parametrize("seed", [*seeds(2, base=3), 2])  # seed 2 once kept a stale result after the heal
 def test_partition(seed):
     rep = run_tasks("partition", seed)
     expect(rep)
@@ -290,7 +270,6 @@ def test_a_former_home_member_does_not_keep_the_other_result():
     assert not bad, f"{[describe(sim, t) for t in bad]}\n{scripted('test_a_former_home_member_does_not_keep_the_other_result', 2)}"
 
 
-@repro_of("two_coordinators")
 def test_one_attempt_is_placed_once_around_a_coordinator_restart(monkeypatch):
     """home[0] (n004) places the task, its Assign is lost, and it crashes; it
     restarts just as the others declare it dead. n005 took over meanwhile: both
@@ -313,7 +292,6 @@ def test_one_attempt_is_placed_once_around_a_coordinator_restart(monkeypatch):
     assert not sim.violations, f"{sim.violations[0].what}\n{scripted('test_one_attempt_is_placed_once_around_a_coordinator_restart', 2)}"
 
 
-@repro_of("hold_expires")
 def test_a_restored_task_waits_for_its_coordinator(monkeypatch):
     """As in the test above it, but no steal: the coordinator's Revokes to the
     restarted n002 are lost. n002 must not run the old attempt when its hold runs out."""
@@ -331,7 +309,6 @@ def test_a_restored_task_waits_for_its_coordinator(monkeypatch):
     assert not sim.violations, f"{sim.violations[0].what}\n{scripted('test_a_restored_task_waits_for_its_coordinator', 1)}"
 
 
-@repro_of("stale_holder_loss")
 def test_a_former_home_member_converges_though_the_correction_is_lost(monkeypatch):
     """As above, but the Replicates that would correct the former home members
     are lost for the first 3 s after the heal: they must still end up with the
