@@ -83,10 +83,11 @@ def test_random_faults_five_voters_default_settings(seed):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("block", range(12))
+@pytest.mark.parametrize("block", range(8))
 def test_random_faults_many_seeds(block):
-    """1200 more seeds (100 per test, without the per-message codec round trip,
-    which the normal runs do): about 50 s. MESHAGENT_SIM_SCALE=10 runs 12,000."""
+    """800 more seeds (100 per test, without the per-message codec round trip,
+    which the normal runs do): about 35 s. MESHAGENT_SIM_SCALE=10 runs 8,000. The
+    suite's 10-minute budget sets the count; larger sweeps run with agent.sim.raft_main."""
     failures = []
     for seed in seeds(100, base=100_000 + 100 * block):
         rep = run_raft("random", seed, codec=False)

@@ -124,10 +124,10 @@ def test_ring_movement(seed):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario, n", [
-    ("crashes", 8),
-    ("partition", 6),
-    ("steal", 5),
-    ("ring", 5),
+    ("crashes", 5),
+    ("partition", 4),
+    ("steal", 3),
+    ("ring", 3),
 ])
 def test_many_seeds(scenario, n):
     failures = [rep.failure() for seed in seeds(n, base=1000) if (rep := run_tasks(scenario, seed)).violations]
