@@ -19,6 +19,7 @@ retry on the next home member.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import random
@@ -31,7 +32,7 @@ from agent.core.tasks import Kill, MemberInfo, Start, TaskEngine, TaskSettings
 from agent.core.taskctx import BUILTIN_KINDS
 from agent.core.taskspec import (
     TERMINAL, Cancel, CancelReply, ListReply, ListReq, Query, QueryReply, Record, Result, SpecError, Submit,
-    SubmitReply, TaskSpec, check_spec, decode_message, encode_message,
+    SubmitReply, TaskSpec, check_spec, decode_message, encode_message, newer,
 )
 from agent.counters import Counters
 from agent.envelope import Opener, Sealer
@@ -47,6 +48,7 @@ TASKS_PATH = ("tasks",)
 TASK_MAX_DATAGRAM = 4000  #: like Raft's: within aiocoap's 4096-byte receive buffer
 TASK_MAX_PACKET = TASK_MAX_DATAGRAM - ENVELOPE_OVERHEAD
 TICK_S = 0.1  #: engine timers (bids, steals, checks) are 300 ms and up; messages are handled at once
+IDLE_TICK_S = 0.5  #: with nothing queued, running or unsettled: only steal attempts are due (500 ms)
 MAX_CLIENT_WAITS = 1024  #: API requests waiting for an answer from a peer at once
 
 
@@ -159,7 +161,7 @@ class Tasks:
             except Exception:  # our bug: keep the agent alive, loudly
                 self.drops.inc("internal_error")
                 log.exception("bug: a task engine tick failed")
-            await asyncio.sleep(TICK_S)
+            await asyncio.sleep(TICK_S if self.engine.busy() else IDLE_TICK_S)
 
     def _clock(self) -> None:
         self.engine.set_time(int((time.monotonic() - self._started) * 1000), int(time.time() * 1000))
@@ -347,11 +349,7 @@ class Tasks:
             answers = await self._gather(targets, lambda rid: Query(rid, task_id))
             recs = [a.record for a in answers if a.record is not None]
             if recs:
-                best = recs[0]
-                for r in recs[1:]:
-                    if (r.result is not None, r.version) > (best.result is not None, best.version):
-                        best = r
-                return best
+                return functools.reduce(newer, recs)  # the copy the home members converge on
         raise TaskError(f"no such task: {task_id} (asked {len(members)} members)", 4)
 
     def _homes_of(self, task_id: str) -> list[str]:

@@ -138,6 +138,11 @@ class TaskEngine:
     def records(self):
         return self.coord.records
 
+    def busy(self) -> bool:
+        """Something here has a timer running (a record, an auction, a queue, a run, a resend)."""
+        c, e = self.coord, self.exec
+        return bool(c.active or c.auctions or e.queue or e.running or e.unacked or e.announce)
+
     def counts(self) -> dict[str, int]:
         states = [r.state for r in self.coord.records.values()]
         return {
