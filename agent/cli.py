@@ -174,6 +174,18 @@ def cmd_config_show(args) -> int:
     return 0
 
 
+def cmd_board(args) -> int:
+    from agent import board
+    from agent.config import MODEL_PATH, load_config
+
+    sysroot = Path(args.sysroot)
+    path = Path(args.config) if args.config else DEFAULT_CONFIG
+    loaded = load_config(path, board=args.board, model_path=sysroot / MODEL_PATH.relative_to("/"), explicit_path=bool(args.config))
+    data = board.report(loaded, sysroot)
+    print(json.dumps(data, indent=2, sort_keys=True) if args.json else board.format_report(data))
+    return 0
+
+
 def cmd_keygen(args) -> int:
     from agent.envelope import generate_key_file
 
@@ -243,6 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(q)
     q.add_argument("--json", action="store_true")
     q.set_defaults(func=cmd_config_show)
+
+    p = sub.add_parser("board", help="the board profile in use, why, and what the board reads now")
+    p.add_argument("--config", metavar="FILE", help=f"TOML config file (default {DEFAULT_CONFIG} if it exists)")
+    p.add_argument("--board", metavar="NAME", help="explain this profile instead of the detected one")
+    p.add_argument("--sysroot", default="/", metavar="DIR", help="read /proc and /sys under DIR (a mounted image, a test tree)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_board)
 
     p = sub.add_parser("keygen", help="write a new fleet key")
     p.add_argument("--out", required=True, metavar="FILE")

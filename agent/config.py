@@ -40,6 +40,7 @@ MODEL_PATH = Path("/proc/device-tree/model")
 DEFAULT_PORT = 5683
 DEFAULT_PROFILE = "lan"
 GENERIC_BOARD = "generic"
+THROTTLE_SOURCES = ("firmware", "none")
 MAX_HANDLERS = 32
 
 
@@ -98,6 +99,12 @@ class ConsensusConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+    memory_lines: int = 500
+
+
+@dataclass(frozen=True)
+class ConsoleConfig:
+    device: str = "board"
 
 
 @dataclass(frozen=True)
@@ -140,6 +147,13 @@ class HandlerConfig:
 class Budgets:
     max_rss_mb: int
     max_members: int
+    max_cpu_pct: float
+
+
+@dataclass(frozen=True)
+class Thermal:
+    warn_c: float
+    critical_c: float
 
 
 @dataclass(frozen=True)
@@ -147,9 +161,11 @@ class BoardProfile:
     """The hardware we run on; its values live only in boards/NAME.toml."""
 
     name: str
-    model: str
+    models: tuple[str, ...]
     serial_device: str
+    throttle_source: str
     budgets: Budgets
+    thermal: Thermal
 
 
 @dataclass(frozen=True)
@@ -166,6 +182,7 @@ class Config:
     api: ApiConfig = field(default_factory=ApiConfig)
     consensus: ConsensusConfig = field(default_factory=ConsensusConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    console: ConsoleConfig = field(default_factory=ConsoleConfig)
     tasks: TasksConfig = field(default_factory=TasksConfig)
     handlers: tuple[HandlerConfig, ...] = ()
 
@@ -498,6 +515,7 @@ _SECTIONS: dict[str, type] = {
     "api": ApiConfig,
     "consensus": ConsensusConfig,
     "log": LogConfig,
+    "console": ConsoleConfig,
     "tasks": TasksConfig,
 }
 
@@ -536,6 +554,8 @@ _OWN_FIELDS: dict[str, Field] = {
     "consensus.proposal_deadline_s": Field("s", _integer(0, 30 * 86_400), "deadline of a proposal submitted without --deadline (0 = none)"),
     "consensus.request_timeout_ms": Field("ms", _integer(100, 600_000), "a write not committed within this time is answered \"outcome unknown\" (it may still commit)"),
     "log.level": Field("", _choice(("debug", "info", "warning", "error")), "least severe log message written"),
+    "log.memory_lines": Field("lines", _integer(0, 10_000), "recent log lines kept in memory for the serial console's `log` (0 = none)"),
+    "console.device": Field("", _text(r"board|off|/dev/\S{1,64}", '"board", "off", or a path under /dev'), 'serial port of the line console (115200 8N1): "board" = the board profile\'s serial_device (none on generic), "off", or a device such as /dev/ttyGS0; a port a getty owns is never opened'),
     "tasks.enabled": Field("", _boolean(), "run tasks on this node and take part in placing them"),
     "tasks.slots": Field("tasks", _integer(0, 256), "tasks run at once on this node; 0 = the CPU count"),
     "tasks.strategy": Field("", _choice(STRATEGIES), "placement for a task submitted without --strategy"),
@@ -582,9 +602,13 @@ FIELDS: dict[str, Field] = _all_fields()
 #: The [board] table of a board file (never set by the config file or flags).
 BOARD_FIELDS: dict[str, Field] = {
     "board.name": Field("", _text(r"[a-z0-9-]{1,32}", "the file name without .toml"), "the profile's name, chosen with --board"),
-    "board.model": Field("", _text(r"[^\n]{0,100}", "up to 100 characters"), 'the text of /proc/device-tree/model before " Rev" that selects this profile; empty = never detected'),
-    "board.serial_device": Field("", _text(r"(/dev/\S+)?", "empty, or a path under /dev"), "the serial console the agent may use; empty = none"),
-    "board.budgets.max_rss_mb": Field("MiB", _integer(16, 65_536), "resident memory the agent should stay under on this board"),
+    "board.models": Field("", _strings(_text(r"[^\n]{1,100}", "1-100 characters"), 8), 'texts of /proc/device-tree/model before " Rev" that select this profile; empty = never detected'),
+    "board.serial_device": Field("", _text(r"(/dev/\S+)?", "empty, or a path under /dev"), "the serial console the agent opens when console.device is \"board\"; empty = none"),
+    "board.throttle_source": Field("", _choice(THROTTLE_SOURCES), 'where under-voltage and throttling flags are read: "firmware" = the Raspberry Pi firmware\'s get_throttled in sysfs (the bits of `vcgencmd get_throttled`), "none" = not on this board'),
+    "board.thermal.warn_c": Field("°C", _number(20, 120), "CPU temperature at which the agent and `meshagent doctor` warn (where the firmware starts capping the clock)"),
+    "board.thermal.critical_c": Field("°C", _number(20, 120), "CPU temperature reported as critical (hard throttling or shutdown near)"),
+    "board.budgets.max_rss_mb": Field("MiB", _integer(16, 65_536), "resident memory the agent should stay under on this board (warned in the log, checked by doctor)"),
+    "board.budgets.max_cpu_pct": Field("% of one core", _number(0.1, 100), "CPU the idle agent should stay under on this board (checked by doctor)"),
     "board.budgets.max_members": Field("members", _integer(*FIELD_DOCS["max_members"][1:3]), "largest membership.max_members this board accepts"),
 }
 
@@ -741,11 +765,16 @@ def _load_board(name: str) -> tuple[BoardProfile, dict[str, object]]:
             raise ConfigError(key, None, f.rule.allowed, source, "missing from the board file")
     if values["board.name"] != name:
         raise ConfigError("board.name", values["board.name"], f'"{name}", the file name', source)
+    thermal = Thermal(values.pop("board.thermal.warn_c"), values.pop("board.thermal.critical_c"))
+    if thermal.warn_c >= thermal.critical_c:
+        raise ConfigError("board.thermal.warn_c", thermal.warn_c, f"less than board.thermal.critical_c ({thermal.critical_c})", source)
     board = BoardProfile(
         values.pop("board.name"),
-        values.pop("board.model"),
+        tuple(values.pop("board.models")),
         values.pop("board.serial_device"),
-        Budgets(values.pop("board.budgets.max_rss_mb"), values.pop("board.budgets.max_members")),
+        values.pop("board.throttle_source"),
+        Budgets(values.pop("board.budgets.max_rss_mb"), values.pop("board.budgets.max_members"), values.pop("board.budgets.max_cpu_pct")),
+        thermal,
     )
     return board, values
 
@@ -771,7 +800,7 @@ def _select_board(name: str | None, model_path: Path) -> tuple[BoardProfile, dic
         return *boards[name], "flag"
     model = _model(model_path)
     for board, overrides in boards.values():
-        if model and board.model == model:
+        if model and model in board.models:
             return board, overrides, f"detected:{model_path}"
     return *boards[GENERIC_BOARD], "default"
 
@@ -1006,9 +1035,12 @@ _DOC_BOARDS = f"""\
 
 A board profile holds what depends on the hardware. It is chosen with `--board NAME`; without
 it, the text of `{MODEL_PATH}` before " Rev" (e.g. `Raspberry Pi 4 Model B` from
-`Raspberry Pi 4 Model B Rev 1.4`) selects the profile whose `model` matches, else `generic`.
+`Raspberry Pi 4 Model B Rev 1.4`) selects the profile that lists it in `models`, else `generic`.
+`meshagent board` shows the chosen profile, why, and what the board reads now (temperature,
+throttling, memory against the budgets).
 A profile file has a `[board]` table and may override any field of the sections above, with the
-same checks; `config show` marks such values `board:NAME`.
+same checks; `config show` marks such values `board:NAME`. That is how a board sets its timing
+preset (`membership.profile`, `load.sample_interval_ms`).
 """
 
 _DOC_IDENTITY = """\
@@ -1076,13 +1108,15 @@ def _boards_doc() -> str:
     for name in known_boards():
         board, overrides = _load_board(name)
         changes = ", ".join(f"`{k} = {_show(v)}`" for k, v in overrides.items()) or "none"
-        shipped.append([f"`{name}`", board.model or "(never detected)", board.serial_device or "(none)", str(board.budgets.max_rss_mb), str(board.budgets.max_members), changes])
+        b = board.budgets
+        shipped.append([f"`{name}`", "<br>".join(board.models) or "(never detected)", board.serial_device or "(none)", board.throttle_source,
+                        f"{board.thermal.warn_c:g} / {board.thermal.critical_c:g}", f"{b.max_rss_mb} MiB, {b.max_cpu_pct:g} %, {b.max_members}", changes])
     return (
         _DOC_BOARDS
         + "\n"
         + _table(["key", "type", "unit", "allowed", "meaning"], fields_rows)
         + "\nShipped profiles:\n\n"
-        + _table(["name", "model", "serial_device", "max_rss_mb", "max_members", "overrides"], shipped)
+        + _table(["name", "models", "serial_device", "throttle_source", "warn / critical °C", "budgets: RSS, idle CPU, members", "overrides (timing presets)"], shipped)
     )
 
 

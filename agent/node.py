@@ -25,7 +25,7 @@ from agent.counters import Counters
 from agent.envelope import FleetKey, Opener, Sealer
 from agent.io.addresses import AddressWatcher, pick_advertise
 from agent.io.coap import CoapEndpoint
-from agent.io.load import LoadSampler, changed_enough, process_stats
+from agent.io.load import LoadSampler, changed_enough, find_throttled, own_rss_bytes, process_stats
 from agent.io.mdns import MdnsDiscovery
 from agent.messages import Ack, BadMessage, Ping, Status
 from agent.wire import decode_meta, decode_packet, encode_meta, encode_packet
@@ -53,9 +53,12 @@ class Agent:
         node = config.node
         self.addr_watch = AddressWatcher(node.bind, node.advertise, config.discovery.mdns_interfaces or None)
         self.address = self.addr_watch.check() or pick_advertise(node.bind, node.advertise, config.discovery.mdns_interfaces or None)
-        self.sampler = LoadSampler(smoothing=config.load.smoothing, cpu_scope=config.load.cpu_scope)
+        self.sampler = LoadSampler(
+            smoothing=config.load.smoothing, throttled_path=find_throttled(config.board.throttle_source), cpu_scope=config.load.cpu_scope,
+        )
         self.tasks = None
         self.load = self.sampler.sample()
+        self._thermal, self._over_rss = "ok", False
         self._meta_at = time.monotonic()
         self.core = Membership(
             config.membership, self.node_id, self.address, node.port, random.Random(),
@@ -215,6 +218,7 @@ class Agent:
 
     def _sample_load(self, now: float) -> None:
         new = self.sampler.sample()
+        self._watch_board(new)
         if self.tasks is not None:
             self.tasks.set_load(new.cpu, new.mem)
         stale = now - self._meta_at >= self.config.load.meta_refresh_ms / 1000
@@ -222,6 +226,23 @@ class Agent:
             self.load = new
             self._meta_at = now
             self.core.set_meta(self._meta())
+
+    def _watch_board(self, load) -> None:
+        """Log when the board crosses its profile's thermal thresholds or the
+        agent its memory budget (once per crossing, not every sample)."""
+        from agent.board import thermal_state
+
+        thermal = thermal_state(load.temp_c, self.config.board.thermal)
+        if thermal != self._thermal and thermal != "unknown":
+            level = logging.WARNING if thermal != "ok" else logging.INFO
+            log.log(level, "CPU temperature %.1f °C: %s (board %s: warn %g, critical %g)", load.temp_c, thermal,
+                    self.config.board.name, self.config.board.thermal.warn_c, self.config.board.thermal.critical_c)
+            self._thermal = thermal
+        rss = own_rss_bytes()
+        over = rss is not None and rss > self.config.board.budgets.max_rss_mb * 2**20
+        if over and not self._over_rss:
+            log.warning("resident memory %.1f MiB is over the board budget of %d MiB", rss / 2**20, self.config.board.budgets.max_rss_mb)
+        self._over_rss = over
 
     async def _check_address(self) -> None:
         new = self.addr_watch.check()

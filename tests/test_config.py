@@ -69,7 +69,7 @@ def test_precedence_default_board_file_flag(tmp_path):
     assert (c.membership.tick_ms, src["membership.tick_ms"]) == (PROFILES["slow"].tick_ms, "profile:slow")
     assert (c.node.bind, src["node.bind"]) == ("0.0.0.0", "default")
     assert (c.node.id, src["node.id"]) == ("", "default")  # a None flag was not given
-    assert src["board.name"] == "flag" and src["board.model"] == "board:rpi-zero-2w"
+    assert src["board.name"] == "flag" and src["board.models"] == "board:rpi-zero-2w"
 
 
 def test_profile_from_file_keeps_fields_set_by_board(tmp_path):
@@ -189,7 +189,9 @@ def test_members_above_board_budget(tmp_path):
         (b"Raspberry Pi 4 Model B Rev 1.4\0", "rpi-4b"),
         (b"Raspberry Pi Zero 2 W Rev 1.0\0", "rpi-zero-2w"),
         (b"Raspberry Pi 5 Model B Rev 1.0", "rpi-5"),
-        (b"Raspberry Pi 400 Rev 1.0\0", "generic"),
+        (b"Raspberry Pi 400 Rev 1.0\0", "rpi-4b"),
+        (b"Raspberry Pi 3 Model B Rev 1.2\0", "rpi-3b-plus"),
+        (b"Raspberry Pi Model B Rev 2\0", "generic"),
         (b"", "generic"),
     ],
 )
@@ -210,14 +212,14 @@ def test_every_shipped_board_loads_and_is_detected(tmp_path, name):
     assert known_boards() == SHIPPED
     board = load(tmp_path, board=name).config.board
     assert board.name == name and board.budgets.max_rss_mb > 0
-    if board.model:
-        (tmp_path / "model").write_bytes(board.model.encode() + b" Rev 1.1\0")
+    for model in board.models:
+        (tmp_path / "model").write_bytes(model.encode() + b" Rev 1.1\0")
         assert load(tmp_path, model_path=tmp_path / "model").config.board == board
 
 
 def test_serial_devices():
     boards = {name: load_config(Path("/nonexistent"), board=name).config.board for name in SHIPPED}
-    assert boards["rpi-5"].serial_device == "/dev/ttyAMA10"
+    assert boards["rpi-5"].serial_device == "/dev/ttyAMA10" and boards["rpi-zero-2w"].serial_device == "/dev/ttyGS0"
     assert boards["rpi-4b"].serial_device == "/dev/serial0" and boards["generic"].serial_device == ""
 
 
@@ -249,8 +251,8 @@ def test_format_and_dict(tmp_path):
     assert any(line.startswith("node.port = 7000") and line.endswith("# flag") for line in lines)
     assert any(line.startswith('discovery.seeds = ["hub.local"]') and "# file:" in line for line in lines)
     sections = [line.split(".")[0] for line in lines if line]
-    assert list(dict.fromkeys(sections)) == ["board", "node", "discovery", "membership", "load", "api", "consensus", "log", "tasks"]
-    assert len(lines) - len(sections) == 8  # one blank line between sections
+    assert list(dict.fromkeys(sections)) == ["board", "node", "discovery", "membership", "load", "api", "consensus", "log", "console", "tasks"]
+    assert len(lines) - len(sections) == 9  # one blank line between sections
     data = json.loads(json.dumps(config_as_dict(loaded)))
     assert data["config"]["node"]["port"] == 7000 and data["config"]["discovery"]["seeds"] == ["hub.local"]
     assert data["config"]["board"]["budgets"]["max_members"] == 1024
@@ -259,7 +261,7 @@ def test_format_and_dict(tmp_path):
 
 def test_every_field_documented(tmp_path):
     c = load(tmp_path).config
-    sections = ("node", "discovery", "membership", "load", "api", "consensus", "log", "tasks")
+    sections = ("node", "discovery", "membership", "load", "api", "consensus", "log", "console", "tasks")
     expected = {"membership.profile"} | {f"{s}.{f.name}" for s in sections for f in fields(getattr(c, s))}
     assert set(FIELDS) == expected
 

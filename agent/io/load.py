@@ -34,6 +34,8 @@ T = TypeVar("T")
 
 THERMAL_PATH = Path("/sys/class/thermal/thermal_zone0/temp")
 THROTTLED_PATH = Path("/sys/devices/platform/soc/soc:firmware/get_throttled")
+#: Where else the firmware device may sit (Pi 5: soc@107c000000/soc@107c000000:firmware).
+_THROTTLED_GLOB = "sys/devices/platform/*/*firmware/get_throttled"
 
 #: Bits of the firmware's get_throttled word (same as `vcgencmd get_throttled`).
 THROTTLE_BITS = {
@@ -72,6 +74,31 @@ def throttle_flags(value: int | None) -> list[str]:
     if value is None:
         return []
     return [name for bit, name in THROTTLE_BITS.items() if value >> bit & 1]
+
+
+def find_throttled(source: str, sysroot: Path = Path("/")) -> Path | None:
+    """The get_throttled file for a board's throttle_source ("firmware" or "none"),
+    found once at start; None when the board has none or the firmware driver
+    does not expose it (then throttling reads as unknown, not as fine)."""
+    if source != "firmware":
+        return None
+    usual = sysroot / THROTTLED_PATH.relative_to("/")
+    if usual.exists():
+        return usual
+    return next(iter(sorted(sysroot.glob(_THROTTLED_GLOB))), None)
+
+
+def read_temp_c(sysroot: Path = Path("/")) -> float | None:
+    """CPU temperature in °C: thermal_zone0, else (on the real root) psutil's sensors."""
+    temp = _read_thermal_file(sysroot / THERMAL_PATH.relative_to("/"))
+    if temp is None and sysroot == Path("/"):
+        return _read_psutil_temp()
+    return temp
+
+
+def read_throttled(path: Path | None) -> int | None:
+    """The get_throttled word, or None (no such file, unreadable, not hex)."""
+    return None if path is None else _read_throttled(path)
 
 
 def changed_enough(old: Load, new: Load, threshold_pct: float) -> bool:
@@ -183,7 +210,7 @@ class LoadSampler:
         self,
         smoothing: float = 0.3,
         thermal_path: Path = THERMAL_PATH,
-        throttled_path: Path = THROTTLED_PATH,
+        throttled_path: Path | None = THROTTLED_PATH,
         *,
         cpu_scope: str = "host",
     ) -> None:
@@ -231,7 +258,7 @@ class LoadSampler:
             mem=float(vm.percent) if vm is not None else last.mem,
             load1=float(loadavg[0]) if loadavg is not None else last.load1,
             temp_c=temp if temp is not None else _read_psutil_temp(),
-            throttled=_read_throttled(self._throttled_path),
+            throttled=read_throttled(self._throttled_path),
         )
         return self._last
 
@@ -251,3 +278,11 @@ def process_stats() -> dict[str, float | int | None]:
     except (OSError, psutil.Error) as exc:
         log.debug("process stats unavailable: %s", exc)
         return {"rss_bytes": None, "cpu_percent": None}
+
+
+def own_rss_bytes() -> int | None:
+    """This process's resident memory (without touching process_stats' CPU delta)."""
+    try:
+        return _own_process(os.getpid()).memory_info().rss
+    except (OSError, psutil.Error):
+        return None
