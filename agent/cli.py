@@ -63,21 +63,25 @@ def _keys(config):
 
 def cmd_run(args) -> int:
     from agent.identity import boot_count, node_id
+    from agent.io.sdnotify import Notifier
     from agent.node import Agent, Identity
 
+    notifier = Notifier.from_environ()
     loaded = _load(args)
     config = loaded.config
     _setup_logging(config.log.level)
     keys = _keys(config)
     data_dir = Path(config.node.data_dir)
     ident = Identity(node_id(data_dir, config.node.id or None), boot_count(data_dir))
-    return asyncio.run(_serve(Agent(config, ident, keys)))
+    agent = Agent(config, ident, keys, notifier=notifier, reload_config=lambda: _load(args).config)
+    return asyncio.run(_serve(agent))
 
 
 async def _serve(agent) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, agent.stop)
+    loop.add_signal_handler(signal.SIGHUP, agent.reload)
     await agent.run()
     return 0
 

@@ -911,7 +911,8 @@ def _handler_values(h: HandlerConfig) -> dict[str, object]:
     return {name: dict(h.env) if name == "env" else getattr(h, name) for name in HANDLER_FIELDS}
 
 
-def _flat_values(config: Config) -> dict[str, object]:
+def flat_values(config: Config) -> dict[str, object]:
+    """Every value by dotted key (board, sections, handlers), as `config show` lists them."""
     def value(key: str) -> object:
         return config.membership_profile if key == "membership.profile" else reduce(getattr, key.split("."), config)
 
@@ -928,7 +929,7 @@ def _group(key: str) -> str:
 
 def format_config(loaded: Loaded) -> str:
     """`section.key = value   # source` per key, a blank line between sections and handlers."""
-    items = [(key, f"{key} = {_show(v)}") for key, v in _flat_values(loaded.config).items()]
+    items = [(key, f"{key} = {_show(v)}") for key, v in flat_values(loaded.config).items()]
     width = min(48, max(len(text) for _, text in items))
     lines: list[str] = []
     for i, (key, text) in enumerate(items):
@@ -945,7 +946,7 @@ def _json_value(value: object) -> object:
 def config_as_dict(loaded: Loaded) -> dict[str, object]:
     """{"config": sections as in the file (JSON-ready), "sources": dotted key -> source}."""
     tree: dict[str, object] = {}
-    for key, value in _flat_values(loaded.config).items():
+    for key, value in flat_values(loaded.config).items():
         if not key.startswith("handlers."):  # handler names may hold dots
             *parents, leaf = key.split(".")
             reduce(lambda d, p: d.setdefault(p, {}), parents, tree)[leaf] = _json_value(value)

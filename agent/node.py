@@ -14,6 +14,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import cbor2
@@ -27,6 +28,7 @@ from agent.io.addresses import AddressWatcher, pick_advertise
 from agent.io.coap import CoapEndpoint
 from agent.io.load import LoadSampler, changed_enough, find_throttled, own_rss_bytes, process_stats
 from agent.io.mdns import MdnsDiscovery
+from agent.io.sdnotify import Notifier
 from agent.messages import Ack, BadMessage, Ping, Status
 from agent.wire import decode_meta, decode_packet, encode_meta, encode_packet
 
@@ -45,8 +47,13 @@ class Identity:
 
 
 class Agent:
-    def __init__(self, config: Config, identity: Identity, keys: list[FleetKey] | None, seeds: list[tuple[str, int]] | None = None):
+    def __init__(self, config: Config, identity: Identity, keys: list[FleetKey] | None, seeds: list[tuple[str, int]] | None = None,
+                 *, notifier: Notifier | None = None, reload_config: Callable[[], Config] | None = None):
+        """`notifier` speaks systemd's notify protocol (none outside systemd);
+        `reload_config` re-reads the configuration on SIGHUP (None: reload refused)."""
         self.config = config
+        self.notifier = notifier or Notifier(None)
+        self._reload_config = reload_config
         self.node_id = identity.node_id
         self.started = time.monotonic()
         self.drops = Counters()
@@ -93,6 +100,7 @@ class Agent:
         self._pings: OrderedDict[int, tuple[str, float]] = OrderedDict()
         self.rtt_ms: dict[str, float] = {}
         self._stop = asyncio.Event()
+        self._ticked = time.monotonic()
         self._tasks: list[asyncio.Task] = []
         self.ready = asyncio.Event()
 
@@ -134,7 +142,10 @@ class Agent:
         if self.tasks is not None:
             await self.tasks.start()
         self._tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self._housekeeping())]
+        if self.notifier.watchdog_interval() is not None:
+            self._tasks.append(asyncio.create_task(self._watchdog()))
         self.ready.set()
+        self.notifier.ready(self._status_line())
         try:
             await self._stop.wait()
         finally:
@@ -145,6 +156,7 @@ class Agent:
 
     async def _shutdown(self) -> None:
         log.info("leaving the mesh")
+        self.notifier.stopping()
         self.core.leave()
         self._flush()
         await asyncio.sleep(0.1)  # let the leave datagrams go out
@@ -158,6 +170,58 @@ class Agent:
         if self.mdns is not None:
             await self.mdns.stop()
         await self.endpoint.stop()
+        self.notifier.close()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration; apply what can change live, log the rest."""
+        from agent import reload
+        from agent.config import ConfigError
+
+        self.notifier.reloading()
+        try:
+            if self._reload_config is None:
+                raise ConfigError("reload", None, "", problem="this agent was started without a way to re-read its configuration")
+            new = self._reload_config()
+        except (ConfigError, OSError) as exc:
+            log.error("reload refused, still running with the previous configuration: %s", exc)
+        else:
+            self._apply(reload.plan(self.config, new), new)
+        self.notifier.ready(self._status_line())
+
+    def _apply(self, plan, new: Config) -> None:
+        from agent import reload
+
+        for line in plan.describe():
+            log.log(logging.WARNING if "restart" in line else logging.INFO, "%s", line)
+        self.config = reload.apply(self.config, new, plan.live)
+        if "log.level" in plan.live:
+            logging.getLogger().setLevel(self.config.log.level.upper())
+        if "discovery.seeds" in plan.live:
+            self.seeds = [parse_seed(s) for s in self.config.discovery.seeds]
+            self.core.join(self.seeds)
+            self._flush()
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 every half WatchdogSec, from this event loop and only while
+        the membership loop keeps ticking: a stuck loop or a dead tick task lets
+        systemd's watchdog fire and restart us."""
+        every = self.notifier.watchdog_interval()
+        stalled_logged = False
+        while True:
+            stale = time.monotonic() - self._ticked
+            if stale <= max(every, 4 * self.config.membership.tick_ms / 1000):
+                self.notifier.watchdog()
+                stalled_logged = False
+            elif not stalled_logged:
+                log.error("the membership loop has not ticked for %.1f s; no longer feeding the systemd watchdog", stale)
+                stalled_logged = True
+            self.notifier.status(self._status_line())
+            await asyncio.sleep(every)
+
+    def _status_line(self) -> str:
+        """systemctl status' one line: who we are and what we see."""
+        alive = sum(1 for m in self.core.members.values() if m.status is Status.ALIVE)
+        return f"{self.node_id}: {alive} alive in mesh {self.config.node.mesh}"
 
     # ------------------------------------------------------------- the loop
 
@@ -176,6 +240,7 @@ class Agent:
                     lag_reported = now
                 next_at = now
             try:
+                self._ticked = time.monotonic()
                 self.core.tick()
                 self._flush()
                 self._log_events()
@@ -186,11 +251,12 @@ class Agent:
 
     async def _housekeeping(self) -> None:
         """Load samples, queue-length gossip and address checks, each on its own period."""
-        load_every = self.config.load.sample_interval_ms / 1000
-        addr_every = self.config.discovery.address_check_ms / 1000
         next_load = next_addr = next_queue = time.monotonic()
         while True:
             now = time.monotonic()
+            load_every = self.config.load.sample_interval_ms / 1000  # read each pass: a reload may change them
+            addr_every = self.config.discovery.address_check_ms / 1000
+            next_load, next_addr = min(next_load, now + load_every), min(next_addr, now + addr_every)
             try:
                 if now >= next_load:
                     next_load = now + load_every
