@@ -34,6 +34,7 @@ def _config_flags(args) -> dict[str, object]:
         "node.id": args.node_id, "node.mesh": args.mesh, "node.bind": args.bind, "node.port": args.port,
         "node.advertise": args.advertise, "node.data_dir": args.data_dir, "node.fleet_key_file": args.fleet_key_file,
         "node.capabilities": args.capability, "discovery.seeds": args.seed, "log.level": args.log_level,
+        "console.device": args.console,
     }
     flags = {k: v for k, v in pairs.items() if v is not None}
     if args.insecure:
@@ -62,6 +63,7 @@ def _keys(config):
 
 
 def cmd_run(args) -> int:
+    from agent import logbuffer
     from agent.identity import boot_count, node_id
     from agent.io.sdnotify import Notifier
     from agent.node import Agent, Identity
@@ -70,10 +72,12 @@ def cmd_run(args) -> int:
     loaded = _load(args)
     config = loaded.config
     _setup_logging(config.log.level)
+    logbuffer.install(config.log.memory_lines)  # after _setup_logging: basicConfig(force=True) drops root handlers
     keys = _keys(config)
     data_dir = Path(config.node.data_dir)
     ident = Identity(node_id(data_dir, config.node.id or None), boot_count(data_dir))
-    agent = Agent(config, ident, keys, notifier=notifier, reload_config=lambda: _load(args).config)
+    agent = Agent(config, ident, keys, notifier=notifier, reload_config=lambda: _load(args))
+    agent.config_sources = loaded.sources
     return asyncio.run(_serve(agent))
 
 
@@ -226,6 +230,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true", help="run without a fleet key: demos only")
     p.add_argument("--capability", action="append", metavar="LABEL", help="a capability this node offers (repeatable)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--console", metavar="DEVICE", help='serial line console port (115200 8N1), "board" or "off" (default: config console.device)')
 
 
 def _add_client_args(p: argparse.ArgumentParser) -> None:
@@ -280,7 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0, metavar="SECONDS", help="stop by itself after this long (0 = until Ctrl-C)")
     p.set_defaults(func=cmd_demo)
 
-    from agent import cli_consensus, cli_tasks
+    from agent import cli_console, cli_consensus, cli_tasks
+    cli_console.add_commands(sub)
     cli_consensus.add_commands(sub, _add_client_args)
     cli_tasks.add_commands(sub, _add_client_args)
     p = sub.add_parser("recover", help="offline: restart a mesh whose voters are permanently lost, with this node as the only voter")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import cbor2
 
 from agent import PROTOCOL_VERSION, __version__
-from agent.config import Config, parse_seed
+from agent.config import Config, Loaded, parse_seed
 from agent.core.membership import Membership, Outgoing
 from agent.counters import Counters
 from agent.envelope import FleetKey, Opener, Sealer
@@ -48,10 +48,11 @@ class Identity:
 
 class Agent:
     def __init__(self, config: Config, identity: Identity, keys: list[FleetKey] | None, seeds: list[tuple[str, int]] | None = None,
-                 *, notifier: Notifier | None = None, reload_config: Callable[[], Config] | None = None):
+                 *, notifier: Notifier | None = None, reload_config: Callable[[], Loaded] | None = None):
         """`notifier` speaks systemd's notify protocol (none outside systemd);
         `reload_config` re-reads the configuration on SIGHUP (None: reload refused)."""
         self.config = config
+        self.config_sources: dict[str, str] = {}  #: dotted key -> where its value came from (`config show`)
         self.notifier = notifier or Notifier(None)
         self._reload_config = reload_config
         self.node_id = identity.node_id
@@ -103,6 +104,7 @@ class Agent:
         self._ticked = time.monotonic()
         self._tasks: list[asyncio.Task] = []
         self.ready = asyncio.Event()
+        self.serial_console = None
 
     def _start_consensus(self, config: Config, identity: Identity, keys) -> None:
         from agent.consensus import Consensus
@@ -144,6 +146,8 @@ class Agent:
         self._tasks = [asyncio.create_task(self._tick_loop()), asyncio.create_task(self._housekeeping())]
         if self.notifier.watchdog_interval() is not None:
             self._tasks.append(asyncio.create_task(self._watchdog()))
+        from agent.io.serial_console import start_console
+        self.serial_console = await start_console(self)
         self.ready.set()
         self.notifier.ready(self._status_line())
         try:
@@ -156,6 +160,8 @@ class Agent:
 
     async def _shutdown(self) -> None:
         log.info("leaving the mesh")
+        if self.serial_console is not None:
+            await self.serial_console.stop()
         self.notifier.stopping()
         self.core.leave()
         self._flush()
@@ -185,7 +191,9 @@ class Agent:
         except (ConfigError, OSError) as exc:
             log.error("reload refused, still running with the previous configuration: %s", exc)
         else:
-            self._apply(reload.plan(self.config, new), new)
+            plan = reload.plan(self.config, new.config)
+            self._apply(plan, new.config)
+            self.config_sources = self.config_sources | {k: v for k, v in new.sources.items() if k in plan.live}
         self.notifier.ready(self._status_line())
 
     def _apply(self, plan, new: Config) -> None:

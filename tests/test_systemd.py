@@ -221,8 +221,8 @@ def test_reload_with_a_broken_file_keeps_running(tmp_path, caplog):
 
 def _agent(tmp_path, config: Path, notifier: Notifier) -> Agent:
     def reload_config():
-        return load_config(config, board="generic", explicit_path=True).config
-    return Agent(reload_config(), Identity("n1", 1), None, notifier=notifier, reload_config=reload_config)
+        return load_config(config, board="generic", explicit_path=True)
+    return Agent(reload_config().config, Identity("n1", 1), None, notifier=notifier, reload_config=reload_config)
 
 
 def test_watchdog_stops_when_the_membership_loop_dies(tmp_path, caplog):
