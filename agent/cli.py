@@ -289,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     cli_console.add_commands(sub)
     cli_consensus.add_commands(sub, _add_client_args)
     cli_tasks.add_commands(sub, _add_client_args)
+    from agent import cli_doctor
+    cli_doctor.add_commands(sub)
     p = sub.add_parser("recover", help="offline: restart a mesh whose voters are permanently lost, with this node as the only voter")
     _add_config_args(p)
     p.add_argument("--yes", action="store_true", help="do it (without: only check and explain)")

@@ -274,6 +274,8 @@ async def _ping_one(host: str, port: int) -> str:
         rtt = await asyncio.wait_for(coap_ping(host, port, timeout=PING_TIMEOUT_S, attempts=PING_ATTEMPTS), budget)
     except (asyncio.TimeoutError, TimeoutError):
         return f"no answer within {budget:g} s (name resolution too slow?)"
+    except ConnectionRefusedError:
+        return "port unreachable: the host is up, no agent listens on that UDP port"
     except (OSError, UnicodeError) as exc:
         return f"cannot ping: {getattr(exc, 'strerror', None) or exc}"
     if rtt is None:

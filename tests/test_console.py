@@ -133,11 +133,11 @@ def test_every_command_is_answered_and_bad_lines_get_errors(tmp_path):
     net = got["net"]
     assert "127.0.0.1/8" in net and "mdns: off (discovery.mdns = false)" in net, net
     assert f"127.0.0.62:{PORT_B}  answers a CoAP ping in" in net, net
-    assert f"127.0.0.63:{PORT_DEAD}  no answer" in net, net
+    assert f"127.0.0.63:{PORT_DEAD}  port unreachable: the host is up, no agent listens" in net, net
     assert 'console.device = "board"' in got["config"] and "node.port = 56061" in got["config"], got["config"]
     assert got["config node"].splitlines() and all(ln.startswith("node.") for ln in got["config node"].splitlines())
     assert got["ping n2"].startswith(f"n2 (127.0.0.62:{PORT_B}): answers a CoAP ping in"), got["ping n2"]
-    assert "no answer" in got[f"ping 127.0.0.63:{PORT_DEAD}"]
+    assert "port unreachable" in got[f"ping 127.0.0.63:{PORT_DEAD}"]
     assert got["version"].startswith("meshagent ") and "node n1" in got["version"]
     assert got[""] == "", "an empty line gets just the prompt"
     assert bad["frobnicate"] == "error: unknown command 'frobnicate'; commands: " + ", ".join(COMMANDS)

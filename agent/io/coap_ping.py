@@ -13,6 +13,7 @@ exchange state kept in a shared context.
 from __future__ import annotations
 
 import asyncio
+import errno
 import secrets
 import socket
 import time
@@ -31,27 +32,36 @@ def is_reset_for(data: bytes, mid: int) -> bool:
 
 async def coap_ping(host: str, port: int, timeout: float = 1.0, attempts: int = 2) -> float | None:
     """Round-trip time in ms of a CoAP ping to host:port, or None when no Reset
-    came back within `timeout` seconds per attempt. Raises OSError when the
-    address cannot be used at all (no route, unresolvable name)."""
+    came back within `timeout` seconds per attempt (silence: the host is down,
+    or a firewall drops UDP). Raises ConnectionRefusedError when the host
+    answered ICMP port unreachable (it is up, nothing listens on that UDP
+    port), and other OSErrors when the address cannot be used at all (no
+    route, unresolvable name)."""
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
     family, _, _, _, sockaddr = infos[0]
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
         await loop.sock_connect(sock, sockaddr)
+        refused = False
         for _ in range(max(1, attempts)):
             mid = secrets.randbelow(0x10000)
             started = time.monotonic()
-            await loop.sock_sendall(sock, ping_datagram(mid))
-            if await _wait_reset(loop, sock, mid, started + timeout):
-                return (time.monotonic() - started) * 1000
+            try:
+                await loop.sock_sendall(sock, ping_datagram(mid))
+                if await _wait_reset(loop, sock, mid, started + timeout):
+                    return (time.monotonic() - started) * 1000
+            except ConnectionRefusedError:
+                refused = True  # try again: the agent may be starting
+    if refused:
+        raise ConnectionRefusedError(errno.ECONNREFUSED, f"port unreachable: {host} is up but nothing listens on UDP port {port}")
     return None
 
 
 async def _wait_reset(loop, sock: socket.socket, mid: int, deadline: float) -> bool:
     """True when the Reset for `mid` arrives before `deadline`; other datagrams
-    (a late answer to an earlier attempt) are skipped; ICMP port unreachable
-    (ConnectionRefusedError on a connected socket) counts as no answer."""
+    (a late answer to an earlier attempt) are skipped. ICMP port unreachable
+    raises ConnectionRefusedError (the socket is connected)."""
     for _ in range(64):  # bounded: at most this many stray datagrams per attempt
         left = deadline - time.monotonic()
         if left <= 0:
@@ -59,8 +69,6 @@ async def _wait_reset(loop, sock: socket.socket, mid: int, deadline: float) -> b
         try:
             data = await asyncio.wait_for(loop.sock_recv(sock, 64), left)
         except (TimeoutError, asyncio.TimeoutError):
-            return False
-        except ConnectionRefusedError:
             return False
         if is_reset_for(data, mid):
             return True
