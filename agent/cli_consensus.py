@@ -113,10 +113,11 @@ def _show_value(v) -> str:
 
 def cmd_leader(args) -> int:
     if args.action == "transfer":
-        a = call(args, {"op": "leader.transfer", "to": args.target})
+        request = {"op": "leader.transfer"} | ({"to": args.target} if args.target else {})  # no "to": the leader picks
+        a = call(args, request)
         if "redirect" in a:  # only the leader can hand leadership on: ask it
             args.agent = a["redirect"]
-            a = call(args, {"op": "leader.transfer", "to": args.target})
+            a = call(args, request)
         return _print(args, a, f"leadership transfer to {a['transferring_to']} started")
     a = call(args, {"op": "leader"})
     who = a["leader"] or "none"

@@ -558,7 +558,10 @@ class Consensus:
             raise WriteRefused(f"not the leader; ask {leader or 'the leader'} (term {term})")
         if target is not None and target not in self.raft.voters:
             raise WriteRefused(f"{target} is not a voter (voters: {', '.join(self.raft.voters)})")
-        self.raft.transfer_leadership(target)
+        try:
+            self.raft.transfer_leadership(target)
+        except Refused as exc:  # e.g. a lone voter: nobody to hand it to
+            raise WriteRefused(str(exc)) from None
         self.schedule()
 
     # --------------------------------------------------------- housekeeping

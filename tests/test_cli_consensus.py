@@ -137,6 +137,8 @@ def test_propose_vote_and_watch(one_voter):
 def test_leader_and_status_show_raft(one_voter):
     res = one_voter.cli(1, "leader")
     assert res.returncode == 0 and "leader c1" in res.stdout and "read-write" in res.stdout
+    alone = one_voter.cli(1, "leader", "transfer")  # no NODE: the leader would pick; a lone voter has none
+    assert alone.returncode == 3 and one_line_reason(alone) == "meshagent: no other voter to hand leadership to", alone.stderr
     st = json.loads(one_voter.cli(1, "status", "--json").stdout)
     assert {"role", "term", "leader", "commit_index", "voters", "mode"} <= st["raft"].keys()
     assert st["raft"]["voters"] == ["c1"] and st["raft"]["mode"] == "read-write"
