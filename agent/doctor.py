@@ -48,7 +48,7 @@ import psutil
 from agent import board as boardmod
 from agent.config import BoardProfile, Config, NodeConfig, parse_seed
 from agent.envelope import KeyFileError, load_keys
-from agent.io.addresses import WILDCARDS
+from agent.io.ports import udp_holders
 from agent.io.coap_ping import coap_ping
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -376,34 +376,6 @@ def check_throttling(board: BoardProfile, word: int | None) -> Check:
 # ------------------------------------------------------------------- port
 
 
-def _is_agent(cmdline: list[str]) -> bool:
-    """`meshagent run ...` (console script) or `python -m agent run ...`."""
-    script = any(Path(a).name == "meshagent" for a in cmdline[:2])
-    module = any(a == "agent" and b == "-m" for b, a in zip(cmdline, cmdline[1:]))
-    return (script or module) and "run" in cmdline
-
-
-def _holders(bind: str, port: int) -> list[tuple[int | None, str, bool]]:
-    """(pid, how to name it, is it a meshagent agent) of every UDP socket in the
-    way of binding bind:port; pid None where we may not see it (another user's
-    process, and we are not root)."""
-    clash = None if bind in WILDCARDS else WILDCARDS | {bind, f"::ffff:{bind}"}
-    try:
-        conns = [c for c in psutil.net_connections(kind="udp")
-                 if c.laddr and c.laddr.port == port and (clash is None or c.laddr.ip in clash)]
-    except (psutil.Error, OSError):
-        return []
-    out = []
-    for pid in sorted({c.pid for c in conns}, key=lambda p: p or 0):
-        try:
-            proc = psutil.Process(pid) if pid else None
-            cmd = proc.cmdline() if proc else []
-            out.append((pid, f"pid {pid} ({proc.name()})" if proc else "a process we may not see (run as root)", _is_agent(cmd)))
-        except psutil.Error:
-            out.append((pid, f"pid {pid}", False))
-    return out
-
-
 def _local_address(bind: str) -> str:
     """Where to reach an agent bound to `bind` from this host."""
     if bind in ("", "0.0.0.0"):
@@ -451,7 +423,7 @@ async def fetch_status(node: NodeConfig) -> tuple[str, dict | None]:
 def check_port(node: NodeConfig, answer: str, status: dict | None) -> Check:
     """The port is in use: by the agent (it answers /status, or its command line says so) or by what?"""
     where = f"UDP {node.bind}:{node.port}"
-    holders = _holders(node.bind, node.port)
+    holders = udp_holders(node.bind, node.port)
     agents = [h for h in holders if h[2]]
     named = ", ".join(h[1] for h in (agents or holders)) or "a process we may not see (run as root)"
     if answer == "ok":

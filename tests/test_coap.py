@@ -1,6 +1,7 @@
 """The CoAP endpoint on real UDP sockets over loopback."""
 
 import asyncio
+import os
 import socket
 
 import cbor2
@@ -144,3 +145,23 @@ def test_a_dead_peer_does_not_cost_the_next_datagram():
 
     asyncio.run(main())
     assert sorted(int.from_bytes(d, "big") for d, _ in received) == list(range(50))
+
+
+def test_a_second_endpoint_on_a_taken_port_is_refused_naming_the_holder():
+    """aiocoap binds with SO_REUSEPORT: without the check, a second agent on the same
+    address and port would start and silently take half of the first one's datagrams."""
+    from agent.io.ports import PortInUse
+
+    async def body():
+        first = CoapEndpoint("127.0.0.25", PORT, lambda d, s: None)
+        await first.start()
+        try:
+            second = CoapEndpoint("127.0.0.25", PORT, lambda d, s: None)
+            with pytest.raises(PortInUse) as caught:
+                await second.start()
+            return str(caught.value)
+        finally:
+            await first.stop()
+
+    message = asyncio.run(body())
+    assert f"UDP 127.0.0.25:{PORT} is already in use by pid {os.getpid()} (" in message

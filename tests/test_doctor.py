@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent import cli_doctor, doctor
+from agent.io import ports
 from agent.config import load_config
 from agent.envelope import generate_key_file
 from agent.io.coap_ping import coap_ping
@@ -343,4 +344,4 @@ def test_agent_over_its_budgets_is_a_warning(tmp_path):
     (["/usr/sbin/avahi-daemon"], False),
 ])
 def test_agent_processes_are_recognised_by_their_command_line(cmdline, is_agent):
-    assert doctor._is_agent(cmdline) is is_agent
+    assert ports.is_agent(cmdline) is is_agent

@@ -151,6 +151,10 @@ class CoapEndpoint:
         self.site.add_resource([path], ReadResource(rt, render, allowed, keyed))
 
     async def start(self) -> None:
+        """Bind and serve; PortInUse (naming the holder) when the port is taken."""
+        from agent.io.ports import check_free
+
+        check_free(self.bind, self.port)
         self._ctx = await aiocoap.Context.create_server_context(self.site, bind=(self.bind, self.port), transports=["udp6"])
         self._mman = self._ctx.request_interfaces[0].token_interface
         self._mman.dispatch_message = self._dispatcher(self._mman.dispatch_message)
