@@ -43,8 +43,9 @@ def why(loaded: Loaded, sysroot: Path = Path("/")) -> str:
     board = loaded.config.board
     how = loaded.sources.get("board.name", "default")
     model = model_text(sysroot)
-    if how == "flag":
-        return f"chosen with --board {board.name}" + (f" (the device says {model!r})" if model else "")
+    if how == "flag" or how.startswith("file:"):
+        chosen = f"--board {board.name}" if how == "flag" else f"node.board = {board.name!r} in {how.removeprefix('file:')}"
+        return f"chosen with {chosen}" + (f" (the device says {model!r})" if model else "")
     if how.startswith("detected:"):
         return f"{how.removeprefix('detected:')} reads {model!r}, which profile {board.name} lists"
     if model is None:

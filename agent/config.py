@@ -55,6 +55,7 @@ class NodeConfig:
     fleet_key_file: Path = Path("/etc/meshagent/fleet.key")
     insecure: bool = False
     capabilities: tuple[str, ...] = ()
+    board: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class Config:
 class Loaded:
     """A checked configuration and, per dotted key, where its value came from:
     "default", "profile:NAME" (membership preset), "board:NAME", "file:PATH" or
-    "flag"; `board.name` says "flag", "detected:MODEL_PATH" or "default"."""
+    "flag"; `board.name` says "flag", "file:PATH" (node.board), "detected:MODEL_PATH" or "default"."""
 
     config: Config
     sources: dict[str, str]
@@ -528,6 +529,7 @@ _OWN_FIELDS: dict[str, Field] = {
     "node.advertise": Field("", _advertise_address(), "address others use to reach us; empty = detect it"),
     "node.fleet_key_file": Field("", _abs_path(), "file holding the fleet key(s) that authenticate and encrypt every packet"),
     "node.insecure": Field("", _boolean(), "run without a fleet key (packets in the clear, anyone can join): for a lab only"),
+    "node.board": Field("", _text(r"auto|[a-z0-9-]{1,32}", '"auto" or a board profile name'), 'board profile: "auto" = detect it from /proc/device-tree/model (else generic), or a name from boards/ (`--board` wins)'),
     "node.capabilities": Field("", _strings(_text(r"[a-z0-9_=.-]{1,32}", "1-32 of a-z 0-9 _ = . -"), 16), "labels gossiped with our load, for placing work (e.g. `camera`, `arch=arm64`)"),
     "discovery.seeds": Field("", _strings(_SEED, 32), "members to contact when joining; empty = rely on mDNS"),
     "discovery.mdns": Field("", _boolean(), "announce and find members of the mesh on the local link with mDNS/DNS-SD"),
@@ -788,16 +790,18 @@ def _model(model_path: Path) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace").strip().partition(" Rev")[0]
 
 
-def _select_board(name: str | None, model_path: Path) -> tuple[BoardProfile, dict[str, object], str]:
-    """(profile, its overrides, how it was chosen): --board, else the model, else generic."""
+def _select_board(name: str | None, model_path: Path, source: str = "flag") -> tuple[BoardProfile, dict[str, object], str]:
+    """(profile, its overrides, how it was chosen): --board or node.board (`source`
+    says which), else the model, else generic."""
     boards = {n: _load_board(n) for n in known_boards()}
     if name is not None:
         if name not in boards:
             close = difflib.get_close_matches(name, boards, n=1)
             hint = f"; did you mean {close[0]}?" if close else ""
             allowed = "one of " + ", ".join(boards)
-            raise ConfigError("board", name, allowed, "flag", f"expected {allowed}{hint}")
-        return *boards[name], "flag"
+            key = "board" if source == "flag" else "node.board"
+            raise ConfigError(key, name, allowed, source, f"expected {allowed}{hint}")
+        return *boards[name], source
     model = _model(model_path)
     for board, overrides in boards.values():
         if model and model in board.models:
@@ -869,9 +873,13 @@ def load_config(
     """
     values = _defaults()
     sources = dict.fromkeys(values, "default")
-    profile, overrides, chosen = _select_board(board, model_path)
     path = DEFAULT_PATH if path is None else path
     file_values, (handlers, handler_sources) = _read_file(path, explicit_path)
+    if board is None and file_values.get("node.board", "auto") != "auto":
+        board, board_source = file_values["node.board"], f"file:{path}"
+    else:
+        board_source = "flag"
+    profile, overrides, chosen = _select_board(board, model_path, board_source)
     layers = [
         (f"board:{profile.name}", overrides),
         (f"file:{path}", file_values),

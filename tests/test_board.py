@@ -132,3 +132,23 @@ def test_agent_logs_each_thermal_crossing_once(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if "CPU temperature" in r.getMessage()]
     assert [line.split(": ")[1].split(" ")[0] for line in lines] == ["warn", "critical", "ok"]
     assert "warn 80, critical 85" in lines[0]
+
+
+def test_board_named_in_the_config_file(tmp_path):
+    fake_pi(tmp_path, "Raspberry Pi 4 Model B Rev 1.4")
+    (tmp_path / "agent.toml").write_text('[node]\nboard = "rpi-5"\n')
+    loaded = load_config(tmp_path / "agent.toml", model_path=tmp_path / "proc/device-tree/model")
+    assert loaded.config.board.name == "rpi-5" and loaded.sources["board.name"] == f"file:{tmp_path / 'agent.toml'}"
+    assert board.why(loaded, tmp_path).startswith(f"chosen with node.board = 'rpi-5' in {tmp_path / 'agent.toml'}")
+    flag = load_config(tmp_path / "agent.toml", board="rpi-4b", model_path=tmp_path / "proc/device-tree/model")
+    assert flag.config.board.name == "rpi-4b"  # --board wins over the file
+
+
+def test_unknown_board_in_the_file_names_the_key(tmp_path):
+    from agent.config import ConfigError
+
+    (tmp_path / "agent.toml").write_text('[node]\nboard = "rpi-4"\n')
+    with pytest.raises(ConfigError) as caught:
+        load_config(tmp_path / "agent.toml")
+    e = caught.value
+    assert e.key == "node.board" and e.value == "rpi-4" and "did you mean rpi-4b" in str(e) and str(tmp_path) in e.source
