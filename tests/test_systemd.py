@@ -273,3 +273,81 @@ def test_notify_to_a_vanished_socket_is_counted_not_raised(tmp_path):
     n = Notifier(str(tmp_path / "gone"))
     assert not n.watchdog() and not n.watchdog()
     assert n.failed == 2
+
+
+# ------------------------------------------------------- the sandbox, for real
+
+STRACE = shutil.which("strace")
+
+
+def _filter_set(name: str) -> set[str]:
+    """A systemd syscall group (e.g. @system-service), expanded to syscall names."""
+    out = subprocess.run([ANALYZE, "syscall-filter", name], capture_output=True, text=True, timeout=30, check=True).stdout
+    names: set[str] = set()
+    for line in out.splitlines():
+        word = line.strip()
+        if word and not word.startswith("#") and word != name:
+            names |= _filter_set(word) if word.startswith("@") else {word}
+    return names
+
+
+def _unit_allowed_syscalls(unit: Path) -> set[str]:
+    """What the unit's SystemCallFilter= lines let through (an allow list, then ~ deny lists)."""
+    allowed: set[str] = set()
+    for value in re.findall(r"^SystemCallFilter=(.*)$", unit.read_text(), re.M):
+        deny = value.startswith("~")
+        names = set().union(*(_filter_set(w) if w.startswith("@") else {w} for w in value.lstrip("~").split()))
+        allowed = allowed - names if deny else allowed | names
+    return allowed
+
+
+def test_the_agent_stays_inside_the_units_syscall_filter(tmp_path):
+    """PID 1 here is not systemd, so the unit cannot run as a service: trace a real
+    agent (Raft, a task handler, the serial console, a SIGHUP reload) and check
+    every syscall it and its children make against the unit's SystemCallFilter,
+    and that nothing maps memory writable and executable (MemoryDenyWriteExecute)."""
+    _analyze_available()
+    if STRACE is None:
+        pytest.fail("strace is missing (Debian package strace); the README's test command installs it")
+    config = tmp_path / "agent.toml"
+    _write_config(config, tmp_path, port=56247)
+    config.write_text(config.read_text() + '[handlers.shell]\ncommand = ["/bin/sh", "-c", "echo done"]\n')
+    master, slave = os.openpty()
+    trace = tmp_path / "trace"
+    proc = subprocess.Popen([STRACE, "-f", "-qq", "-o", str(trace), sys.executable, "-m", "agent", "run", "--config", str(config),
+                             "--console", os.ttyname(slave)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        cli = [sys.executable, "-m", "agent"]
+        answer = None
+        for _ in range(60):  # the agent under strace starts slowly
+            answer = subprocess.run([*cli, "submit", "shell", "--wait", "--agent", "127.0.0.241:56247", "--timeout", "2"],
+                                    capture_output=True, text=True, timeout=30)
+            if answer.returncode == 0:
+                break
+            time.sleep(0.5)
+        assert answer.returncode == 0 and "done" in answer.stdout, answer.stderr
+        for command in (b"status", b"net", b"log 5", b"leader"):
+            os.write(master, b"\x15" + command + b"\r")
+        time.sleep(1.5)  # net pings a silent seed for 1 s
+        agent = next(iter(_children(proc.pid)))
+        os.kill(agent, signal.SIGHUP)
+        time.sleep(0.5)
+        os.kill(agent, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+        os.close(slave)
+    calls = trace.read_text()
+    used = set(re.findall(r"^\d+\s+([a-z_0-9]+)\(", calls, re.M))
+    assert {"execve", "sendto", "recvfrom", "clone"} & used, "the trace recorded nothing useful"
+    assert used - _unit_allowed_syscalls(REPO / "systemd/meshagent.service") == set()
+    assert not [line for line in calls.splitlines() if "PROT_WRITE" in line and "PROT_EXEC" in line]
+
+
+def _children(pid: int) -> list[int]:
+    import psutil
+
+    return [c.pid for c in psutil.Process(pid).children()]
