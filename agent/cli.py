@@ -285,11 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=0, metavar="SECONDS", help="stop by itself after this long (0 = until Ctrl-C)")
     p.set_defaults(func=cmd_demo)
 
-    from agent import cli_console, cli_consensus, cli_tasks
+    from agent import cli_console, cli_consensus, cli_doctor, cli_tasks
     cli_console.add_commands(sub)
     cli_consensus.add_commands(sub, _add_client_args)
     cli_tasks.add_commands(sub, _add_client_args)
-    from agent import cli_doctor
     cli_doctor.add_commands(sub)
     p = sub.add_parser("recover", help="offline: restart a mesh whose voters are permanently lost, with this node as the only voter")
     _add_config_args(p)

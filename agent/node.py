@@ -183,10 +183,11 @@ class Agent:
         from agent import reload
         from agent.config import ConfigError
 
+        if self._reload_config is None:
+            log.error("reload ignored: this agent was started without a way to re-read its configuration")
+            return
         self.notifier.reloading()
         try:
-            if self._reload_config is None:
-                raise ConfigError("reload", None, "", problem="this agent was started without a way to re-read its configuration")
             new = self._reload_config()
         except (ConfigError, OSError) as exc:
             log.error("reload refused, still running with the previous configuration: %s", exc)
