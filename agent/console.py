@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 from agent import PROTOCOL_VERSION, __version__, logbuffer, tables
+from agent.io.coap import uri_host
 
 log = logging.getLogger("meshagent.console")
 
@@ -263,7 +264,7 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def _hostport(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{uri_host(host)}:{port}"
 
 
 async def _ping_one(host: str, port: int) -> str:

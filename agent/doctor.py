@@ -48,7 +48,7 @@ import psutil
 from agent import board as boardmod
 from agent.config import BoardProfile, Config, NodeConfig, parse_seed
 from agent.envelope import KeyFileError, load_keys
-from agent.io.ports import udp_holders
+from agent.io.ports import bind_error, udp_holders
 from agent.io.coap_ping import coap_ping
 
 OK, WARN, FAIL = "ok", "warn", "fail"
@@ -387,11 +387,8 @@ def port_state(node: NodeConfig) -> tuple[Check | None, bool]:
     """Try the bind the agent makes (without SO_REUSEADDR, so that any holder
     shows). (a finished check, or None when the port is in use; in use)."""
     name, where = "port", f"UDP {node.bind}:{node.port}"
-    family = socket.AF_INET6 if ":" in node.bind else socket.AF_INET
-    try:
-        with socket.socket(family, socket.SOCK_DGRAM) as sock:
-            sock.bind((node.bind, node.port))
-    except OSError as exc:
+    exc = bind_error(node.bind, node.port)
+    if exc is not None:
         if exc.errno == errno.EADDRINUSE:
             return None, True
         if exc.errno == errno.EADDRNOTAVAIL:

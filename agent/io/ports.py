@@ -51,17 +51,25 @@ def udp_holders(bind: str, port: int) -> list[tuple[int | None, str, bool]]:
     return out
 
 
-def check_free(bind: str, port: int) -> None:
-    """Raise PortInUse (naming the holders) when bind:port is taken, even by a
-    socket with SO_REUSEPORT; other bind errors are left to the real bind."""
+def bind_error(bind: str, port: int) -> OSError | None:
+    """The error a plain bind of bind:port (no SO_REUSEADDR/REUSEPORT) gets, or
+    None when it would succeed: any socket holding the port shows as EADDRINUSE."""
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     try:
         with socket.socket(family, socket.SOCK_DGRAM) as sock:
             sock.bind((bind, port))
     except OSError as exc:
-        if exc.errno != errno.EADDRINUSE:
-            return
-        holders = udp_holders(bind, port)
-        named = ", ".join(label for _, label, _ in holders) or "a process we may not see"
-        agent = " (another meshagent agent: stop it first, or give this one another node.port)" if any(a for *_, a in holders) else ""
-        raise PortInUse(errno.EADDRINUSE, f"UDP {bind}:{port} is already in use by {named}{agent}") from None
+        return exc
+    return None
+
+
+def check_free(bind: str, port: int) -> None:
+    """Raise PortInUse (naming the holders) when bind:port is taken, even by a
+    socket with SO_REUSEPORT; other bind errors are left to the real bind."""
+    exc = bind_error(bind, port)
+    if exc is None or exc.errno != errno.EADDRINUSE:
+        return
+    holders = udp_holders(bind, port)
+    named = ", ".join(label for _, label, _ in holders) or "a process we may not see"
+    agent = " (another meshagent agent: stop it first, or give this one another node.port)" if any(a for *_, a in holders) else ""
+    raise PortInUse(errno.EADDRINUSE, f"UDP {bind}:{port} is already in use by {named}{agent}")
