@@ -296,7 +296,9 @@ def test_leader_sigkill_under_write_load(make_lab, record_property):
     election_s = time.monotonic() - t_kill
     assert election_s < ELECTION_BOUND_S, f"new leader only after {election_s:.2f} s"
 
-    time.sleep(2)
+    # Longer than one client timeout: a client whose call went to the dead node waits
+    # that long, and with 2 s all four were sometimes still waiting (a CI flake).
+    time.sleep(CLIENT_TIMEOUT_S + 1)
     t_restart = time.monotonic()
     lab.restart(leader)
     h = wl.wait()
